@@ -1,0 +1,49 @@
+"""charlstm: character-level LSTM / GRU / RNN language models in PyTorch.
+
+Python API::
+
+    import charlstm
+    result = charlstm.train(charlstm.RunConfig())          # train on the built-in corpus
+    model = charlstm.load("runs/shakespeare-.../best")     # or a run directory
+    print(model.generate("ROMEO:", length=200, temperature=0.8))
+    print(charlstm.evaluate(model, "To be, or not to be").bpc)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from charlstm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from charlstm.errors import CharLSTMError
+from charlstm.evaluate import EvalResult
+from charlstm.lm import CharLM
+from charlstm.model import CharRNN
+from charlstm.train import TrainResult, train
+
+
+def load(path: str, device: str = "auto") -> CharLM:
+    """Load a trained model from a checkpoint directory or a run directory."""
+    return CharLM.load(path, device=device)
+
+
+def evaluate(model: CharLM, text: str, unknown: str = "error") -> EvalResult:
+    """Loss (nats/char), bits per character and perplexity of ``model`` on ``text``."""
+    return model.evaluate(text, unknown=unknown)
+
+
+__all__ = [
+    "CharLM",
+    "CharLSTMError",
+    "CharRNN",
+    "DataConfig",
+    "EvalResult",
+    "ModelConfig",
+    "RunConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
+    "evaluate",
+    "load",
+    "train",
+]

@@ -1,0 +1,319 @@
+"""The one typed configuration shared by the CLI, config files and checkpoints.
+
+Every default lives here and nowhere else. Each field's ``help`` metadata becomes the text of
+its ``--kebab-case`` command-line flag; a TOML config file uses the same names (with ``-`` or
+``_``), and a checkpoint stores these dataclasses as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from charlstm.errors import CharLSTMError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+CELLS = ("lstm", "gru", "rnn")
+BATCHING = ("stateful", "random")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+UNKNOWN_POLICIES = ("error", "skip", "replace")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network; stored with its weights so it can be rebuilt without the corpus."""
+
+    cell: str = option("lstm", "recurrent cell type", choices=CELLS)
+    embed_dim: int = option(128, "width of the character embedding")
+    hidden_dim: int = option(256, "hidden units per recurrent layer")
+    n_layers: int = option(2, "number of stacked recurrent layers")
+    dropout: float = option(0.2, "dropout between layers and before the output head, in [0, 1)")
+
+    def validate(self) -> None:
+        """Raise CharLSTMError for shapes that cannot build a network."""
+        _require(self.cell in CELLS, f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        for name in ("embed_dim", "hidden_dim", "n_layers"):
+            _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
+        _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    data: list[str] = option(
+        ["shakespeare"],
+        "training text: files, directories, or a built-in corpus "
+        "(shakespeare, tinyshakespeare, enwik8, text8)",
+    )
+    val_data: list[str] = option(
+        [], "validation text files (default: the last --val-fraction of --data)"
+    )
+    val_fraction: float = option(0.1, "fraction of --data held out for validation, from the end")
+    encoding: str = option(
+        "utf-8", "text encoding of the files (any Python codec), or 'bytes' to model raw bytes"
+    )
+
+    def validate(self) -> None:
+        """Raise CharLSTMError for settings that cannot produce a split."""
+        _require(len(self.data) > 0, "--data needs at least one file, directory or corpus name")
+        if not self.val_data:
+            _require(0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batching, stopping, logging and run-directory settings."""
+
+    batch_size: int = option(64, "parallel streams (sequences) per batch")
+    seq_len: int = option(128, "characters per stream per step; gradients are truncated here")
+    batching: str = option(
+        "stateful",
+        "stateful: contiguous streams with the state carried between batches; "
+        "random: independent random windows with the state reset",
+        choices=BATCHING,
+    )
+    lr: float = option(2e-3, "peak learning rate of AdamW")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    weight_decay: float = option(
+        0.01, "AdamW weight decay (matrices only, not biases or embedding)"
+    )
+    warmup_steps: int = option(100, "linear learning-rate warm-up steps")
+    schedule: str = option(
+        "cosine",
+        "learning rate after warm-up: cosine decay to --min-lr-ratio, or constant",
+        choices=SCHEDULES,
+    )
+    min_lr_ratio: float = option(0.1, "final learning rate of the cosine schedule, as a fraction")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    max_epochs: float | None = option(None, "stop after this many passes over the training text")
+    time_budget: str | None = option(
+        None,
+        "stop after this wall time, evaluation and saving included (90, 90s, 5m, 1h); "
+        "with no stopping flag at all the budget is 5m",
+    )
+    eval_every: int = option(250, "evaluate on the validation text every N steps")
+    log_every: int = option(10, "append a training line to metrics.jsonl every N steps")
+    precision: str = option(
+        "auto",
+        "arithmetic for training: auto (bf16 where the hardware has it, else fp32), fp32, "
+        "bf16 or fp16 (CUDA only)",
+        choices=PRECISIONS,
+    )
+    seed: int = option(1337, "random seed: the same seed and settings repeat a CPU run exactly")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
+    out: str | None = option(None, "run directory (default: runs/<corpus>-<timestamp>)")
+    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
+    overwrite: bool = option(False, "replace an existing run directory instead of refusing")
+    sample_length: int = option(500, "characters to sample at the end of training (0 = none)")
+
+    def validate(self) -> None:
+        """Raise CharLSTMError for settings no training run can use."""
+        for name in ("batch_size", "seq_len", "eval_every", "log_every"):
+            _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
+        _require(self.lr > 0, "--lr must be greater than 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
+        _require(self.weight_decay >= 0, "--weight-decay must not be negative")
+        _require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
+        _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        _require(self.grad_clip >= 0, "--grad-clip must not be negative (0 turns it off)")
+        _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        _require(self.max_epochs is None or self.max_epochs > 0, "--max-epochs must be above 0")
+        _require(self.sample_length >= 0, "--sample-length must not be negative")
+        self.budget_seconds()
+
+    def budget_seconds(self) -> float | None:
+        """The wall-clock budget in seconds: --time-budget, else 5 minutes if no limit is set."""
+        if self.time_budget is not None:
+            return parse_duration(self.time_budget)
+        if self.max_steps is None and self.max_epochs is None:
+            return parse_duration(DEFAULT_TIME_BUDGET)
+        return None
+
+
+DEFAULT_TIME_BUDGET = "5m"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved in every checkpoint's config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        """Check every section; returns self so calls can be chained."""
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        sections = {}
+        for section in dataclasses.fields(cls):
+            raw = values.get(section.name, {})
+            if not isinstance(raw, dict):
+                raise CharLSTMError(f"config section {section.name!r} must be a table")
+            sections[section.name] = _build(section.default_factory, raw)  # type: ignore[misc]
+        return cls(**sections)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with flat ``field: value`` overrides applied to whichever section owns each."""
+        sections = {s: dataclasses.asdict(getattr(self, s)) for s in SECTION_OF.values()}
+        for key, value in overrides.items():
+            name = key.replace("-", "_")
+            if name not in SECTION_OF:
+                raise CharLSTMError(f"unknown setting {key!r}; valid settings: {_valid_names()}")
+            sections[SECTION_OF[name]][name] = value
+        return RunConfig.from_dict(sections)
+
+
+@dataclass
+class SampleConfig:
+    """Settings of ``charlstm sample`` and :meth:`CharLM.generate`."""
+
+    prompt: str = option("\n", "text the samples continue from")
+    length: int = option(500, "characters to generate per sample")
+    temperature: float = option(0.8, "softmax temperature; 0 means greedy (always the likeliest)")
+    top_k: int = option(0, "sample only from the k likeliest characters (0 = off)")
+    top_p: float = option(1.0, "sample from the smallest set reaching this probability (1 = off)")
+    num_samples: int = option(1, "independent samples to draw, generated as one batch")
+    seed: int | None = option(None, "random seed for reproducible samples")
+    unknown: str = option(
+        "error",
+        "characters outside the model's vocabulary: error, skip them, or replace them",
+        choices=UNKNOWN_POLICIES,
+    )
+
+    def validate(self) -> None:
+        """Raise CharLSTMError for out-of-range sampling parameters."""
+        _require(self.length >= 0, f"--length must not be negative, got {self.length}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"--temperature must be 0 (greedy) or positive, got {self.temperature}",
+        )
+        _require(self.top_k >= 0, f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
+        _require(self.unknown in UNKNOWN_POLICIES, f"--unknown must be one of {UNKNOWN_POLICIES}")
+
+
+# Which section of RunConfig owns each flat setting name (names are unique across sections).
+SECTION_OF: dict[str, str] = {
+    f.name: section.name
+    for section in dataclasses.fields(RunConfig)
+    for f in dataclasses.fields(section.default_factory)  # type: ignore[arg-type]
+}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into flat ``field: value`` overrides.
+
+    Keys may be written ``hidden-dim`` or ``hidden_dim``, at the top level or inside
+    ``[model]``, ``[data]`` and ``[train]`` tables.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise CharLSTMError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CharLSTMError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("model", "data", "train") and isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    for key in flat:
+        if key not in SECTION_OF:
+            raise CharLSTMError(
+                f"{path}: unknown setting {key!r}; valid settings: {_valid_names()}"
+            )
+    if isinstance(flat.get("data"), str):
+        flat["data"] = [flat["data"]]
+    if isinstance(flat.get("val_data"), str):
+        flat["val_data"] = [flat["val_data"]]
+    return flat
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90``, ``90s``, ``5m`` or ``1.5h``."""
+    match = _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise CharLSTMError(
+            f"--time-budget {text!r} is not a positive duration such as 90, 90s, 5m or 1h"
+        )
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise CharLSTMError(f"unknown setting(s) {', '.join(unknown)} in {cls.__name__}")
+    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a value read from TOML or JSON against its field's type (ints pass as floats)."""
+    is_union = typing.get_origin(hint) in (Union, types.UnionType)
+    allowed = typing.get_args(hint) if is_union else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typing.get_origin(kind) is list and isinstance(value, list):
+            if all(isinstance(v, str) for v in value):
+                return list(value)
+        elif kind in (int, str, bool) and type(value) is kind:
+            return value
+    raise CharLSTMError(f"setting {_flag(name)[2:]} = {value!r} has the wrong type")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CharLSTMError(message)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _valid_names() -> str:
+    return ", ".join(sorted(n.replace("_", "-") for n in SECTION_OF))

@@ -1,0 +1,133 @@
+"""CharLM: a trained network with its vocabulary, ready to sample from and evaluate."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from charlstm.checkpoint import read_checkpoint
+from charlstm.config import RunConfig, SampleConfig
+from charlstm.data import BYTES, Sources, Vocab, iter_symbols, resolve_sources
+from charlstm.device import resolve_device
+from charlstm.errors import CharLSTMError
+from charlstm.evaluate import EvalResult, evaluate_ids
+from charlstm.model import CharRNN
+from charlstm.sample import generate_ids
+
+
+class CharLM:
+    """What :func:`charlstm.load` returns: the network, its vocabulary and its configuration."""
+
+    def __init__(
+        self, net: CharRNN, vocab: Vocab, config: RunConfig, info: dict[str, Any] | None = None
+    ) -> None:
+        self.net = net
+        self.vocab = vocab
+        self.config = config
+        self.info = info or {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> CharLM:
+        """Load a checkpoint directory (or a run directory: its best/, else last/)."""
+        checkpoint = read_checkpoint(path)
+        try:
+            net = CharRNN(checkpoint.config.model, checkpoint.vocab.size)
+            net.load_state_dict(checkpoint.weights, strict=True)
+        except (RuntimeError, CharLSTMError) as e:
+            raise CharLSTMError(
+                f"{checkpoint.path}: the weights do not match the configuration and vocabulary "
+                f"in config.json ({str(e).splitlines()[0]})"
+            ) from None
+        net.to(resolve_device(device)).eval()
+        return cls(net, checkpoint.vocab, checkpoint.config, checkpoint.info)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights live."""
+        return next(self.net.parameters()).device
+
+    def stream(self, prompt: str = "\n", length: int = 500, **settings: Any) -> Iterator[str]:
+        """Yield generated text piece by piece (one character each, for text models).
+
+        Settings are those of :class:`~charlstm.config.SampleConfig`: temperature, top_k,
+        top_p, seed, unknown. The prompt itself is not repeated in the output.
+        """
+        columns = self._columns(prompt, length, 1, **settings)
+        return (column[0] for column in columns)
+
+    def generate(self, prompt: str = "\n", length: int = 500, **settings: Any) -> str:
+        """Generate ``length`` characters continuing ``prompt``; see :meth:`stream`."""
+        return "".join(self.stream(prompt, length, **settings))
+
+    def generate_batch(
+        self, num_samples: int, prompt: str = "\n", length: int = 500, **settings: Any
+    ) -> list[str]:
+        """``num_samples`` independent continuations of ``prompt``, generated as one batch."""
+        pieces: list[list[str]] = [[] for _ in range(num_samples)]
+        for column in self._columns(prompt, length, num_samples, **settings):
+            for piece, text in zip(pieces, column, strict=True):
+                piece.append(text)
+        return ["".join(p) for p in pieces]
+
+    def evaluate(self, text: str, unknown: str = "error") -> EvalResult:
+        """Loss, bits and perplexity per character of ``text`` under this model."""
+        ids = self.vocab.encode(text, unknown=unknown, what="the text")
+        return evaluate_ids(self.net, [ids])
+
+    def evaluate_files(
+        self, paths: list[str], encoding: str | None = None, unknown: str = "error"
+    ) -> EvalResult:
+        """Like :meth:`evaluate` over files, read in blocks so any size fits in memory."""
+        sources = self._sources(paths, encoding)
+        blocks = (
+            self.vocab.encode_codepoints(block, unknown=unknown, what=sources.name)
+            for block in iter_symbols(sources)
+        )
+        return evaluate_ids(self.net, blocks)
+
+    def _sources(self, paths: list[str], encoding: str | None) -> Sources:
+        model_bytes = self.vocab.kind == BYTES
+        encoding = encoding or (BYTES if model_bytes else "utf-8")
+        if (encoding == BYTES) != model_bytes:
+            kind = "raw bytes" if model_bytes else "text"
+            raise CharLSTMError(f"this model reads {kind}; --encoding {encoding} does not fit it")
+        return resolve_sources(paths, encoding)
+
+    def _columns(
+        self, prompt: str, length: int, num_samples: int, **settings: Any
+    ) -> Iterator[list[str]]:
+        """Per step, the next piece of text of each sample; settings are checked at once."""
+        config = SampleConfig(prompt=prompt, length=length, num_samples=num_samples, **settings)
+        config.validate()
+        prompt_ids = self.vocab.encode(prompt, unknown=config.unknown, what="prompt")
+        if len(prompt_ids) == 0:
+            raise CharLSTMError("the prompt is empty; give at least one character (default: \\n)")
+        decoders = [_piece_decoder(self.vocab) for _ in range(num_samples)]
+        steps = generate_ids(
+            self.net,
+            torch.from_numpy(prompt_ids.astype(np.int64)),
+            length,
+            num_samples=num_samples,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            seed=config.seed,
+        )
+        return (
+            [decode(i) for decode, i in zip(decoders, ids.tolist(), strict=True)] for ids in steps
+        )
+
+
+def _piece_decoder(vocab: Vocab):
+    """A function from one id to its text: a character, or for byte models whatever UTF-8
+    characters that byte completes (an incremental decoder, so multi-byte characters survive)."""
+    symbols = vocab.codepoints
+    if vocab.kind != BYTES:
+        return lambda i: chr(symbols[i])
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return lambda i: decoder.decode(bytes([symbols[i]]))
