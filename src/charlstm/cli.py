@@ -187,8 +187,10 @@ def _add_dataclass_flags(parser: Any, cls: type) -> None:
             options["type"] = kind
         if f.metadata.get("choices"):
             options["choices"] = f.metadata["choices"]
-        shown = " ".join(default) if isinstance(default, list) else repr(default)
-        parser.add_argument(flag, help=f"{help_text} (default: {shown})", **options)
+        if default not in (None, []) and "default" not in help_text:
+            shown = " ".join(default) if isinstance(default, list) else default
+            help_text = f"{help_text} (default: {shown!s})".replace("\n", "\\n")
+        parser.add_argument(flag, help=help_text, **options)
 
 
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:

@@ -95,13 +95,13 @@ class TrainConfig:
         "random: independent random windows with the state reset",
         choices=BATCHING,
     )
-    lr: float = option(2e-3, "peak learning rate of AdamW")
+    lr: float = option(1e-2, "peak learning rate of AdamW")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
     weight_decay: float = option(
         0.01, "AdamW weight decay (matrices only, not biases or embedding)"
     )
-    warmup_steps: int = option(100, "linear learning-rate warm-up steps")
+    warmup_steps: int = option(50, "linear learning-rate warm-up steps")
     schedule: str = option(
         "cosine",
         "learning rate after warm-up: cosine decay to --min-lr-ratio, or constant",
@@ -127,7 +127,11 @@ class TrainConfig:
     seed: int = option(1337, "random seed: the same seed and settings repeat a CPU run exactly")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
     out: str | None = option(None, "run directory (default: runs/<corpus>-<timestamp>)")
-    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
+    resume: str | None = option(
+        None,
+        "continue the run in this directory from its last checkpoint; 'auto' resumes --out "
+        "if it holds one and starts it otherwise",
+    )
     overwrite: bool = option(False, "replace an existing run directory instead of refusing")
     sample_length: int = option(500, "characters to sample at the end of training (0 = none)")
 
