@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from charlstm.checkpoint import read_checkpoint
 from charlstm.config import RunConfig, SampleConfig, load_config_file
-from charlstm.errors import CharLSTMError
+from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.lm import CharLM
 from charlstm.train import find_resume_checkpoint, train
 
@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as e:
+        print(f"{e}; continue with: charlstm train --resume {e.run_dir}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,8 +11,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +35,7 @@ from charlstm.checkpoint import (
 from charlstm.config import RunConfig, TrainConfig
 from charlstm.data import Corpus, load_corpus
 from charlstm.device import autocast_dtype, resolve_device
-from charlstm.errors import CharLSTMError
+from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult, evaluate_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
@@ -58,10 +61,15 @@ class TrainResult:
 
 
 def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
-    """Train a model as ``config`` says; returns the best checkpoint loaded as a CharLM."""
+    """Train a model as ``config`` says; returns the best checkpoint loaded as a CharLM.
+
+    SIGINT (Ctrl-C) and SIGTERM let the current step finish, save ``last/`` and raise
+    :class:`~charlstm.errors.TrainingInterrupted`; a second Ctrl-C stops at once.
+    """
     started = time.monotonic()
     config.validate()
-    run_dir, resume_from = _prepare_run_dir(config)
+    resume_from = find_resume_checkpoint(config.train)
+    run_dir = resume_from.parent if resume_from else _new_run_dir(config)
     saved = read_checkpoint(resume_from) if resume_from else None
     if saved is not None:
         _check_resume_compatible(saved.config, config)
@@ -74,10 +82,34 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         )
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
+    if resume_from is None:
+        # Only now, with every input checked, may an --overwrite'd old run be removed.
+        _create_run_dir(run_dir, overwrite=config.train.overwrite)
     trainer = _Trainer(config, corpus, net, device, run_dir, progress, started)
     if saved is not None and resume_from is not None:
         trainer.restore(resume_from, saved.weights)
-    return trainer.run()
+    with _stop_signals(trainer):
+        return trainer.run()
+
+
+@contextlib.contextmanager
+def _stop_signals(trainer: _Trainer) -> Iterator[None]:
+    """Turn SIGINT / SIGTERM into a request to stop after the current step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        trainer.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Trainer:
@@ -110,6 +142,7 @@ class _Trainer:
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of a resumed run
         self.last_eval_seconds: float | None = None
         self.bad_steps = 0
+        self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after this step
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -144,6 +177,9 @@ class _Trainer:
                     self._evaluate_and_save(metrics, bar)
                     last_eval_step = self.step
                     window_start = self.elapsed()  # keep evaluation out of the speed figure
+            if self.stop_signal is not None:
+                self._save(self.run_dir / "last", self._info(None), with_resume_state=True)
+                raise TrainingInterrupted(self.stop_signal, self.run_dir, self.step)
             if last_eval_step != self.step:
                 self._evaluate_and_save(metrics, bar)
         total = self.elapsed()
@@ -219,6 +255,8 @@ class _Trainer:
         return min(1.0, max(fractions))
 
     def _should_stop(self) -> bool:
+        if self.stop_signal is not None:
+            return True
         if self.tc.max_steps is not None and self.step >= self.tc.max_steps:
             return True
         if self.tc.max_epochs is not None and self.batcher.epochs_done >= self.tc.max_epochs:
@@ -256,12 +294,12 @@ class _Trainer:
             file=sys.stderr,
         )
 
-    def _info(self, val: EvalResult) -> dict[str, Any]:
+    def _info(self, val: EvalResult | None) -> dict[str, Any]:
         return {
             "step": self.step,
             "epoch": self.batcher.epochs_done,
             "elapsed": self.elapsed(),
-            "val": val.as_dict(),
+            "val": val.as_dict() if val is not None else None,
             "corpus": {
                 "name": self.corpus.name,
                 "fingerprint": self.corpus.fingerprint,
@@ -411,19 +449,22 @@ def find_resume_checkpoint(tc: TrainConfig) -> Path | None:
     return last
 
 
-def _prepare_run_dir(config: RunConfig) -> tuple[Path, Path | None]:
-    """The run directory to use, and the checkpoint to resume from (None for a fresh run)."""
+def _new_run_dir(config: RunConfig) -> Path:
+    """The directory for a fresh run, refused early if it holds a run and --overwrite is off."""
     tc = config.train
-    resume_from = find_resume_checkpoint(tc)
-    if resume_from is not None:
-        return resume_from.parent, resume_from
     run_dir = Path(tc.out).expanduser() if tc.out else _default_run_dir(config)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not tc.overwrite:
-            raise CharLSTMError(
-                f"run directory {run_dir} already exists; use --resume {run_dir} to continue it "
-                "or --overwrite to replace it"
-            )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CharLSTMError(f"--out {run_dir} is a file, not a directory")
+    if run_dir.exists() and any(run_dir.iterdir()) and not tc.overwrite:
+        raise CharLSTMError(
+            f"run directory {run_dir} already exists; use --resume {run_dir} to continue it "
+            "or --overwrite to replace it"
+        )
+    return run_dir
+
+
+def _create_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +472,6 @@ def _prepare_run_dir(config: RunConfig) -> tuple[Path, Path | None]:
         raise CharLSTMError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     if not os.access(run_dir, os.W_OK):
         raise CharLSTMError(f"run directory {run_dir} is not writable")
-    return run_dir, None
 
 
 def _default_run_dir(config: RunConfig) -> Path:
