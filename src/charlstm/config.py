@@ -124,6 +124,9 @@ class TrainConfig:
         "bf16 or fp16 (CUDA only)",
         choices=PRECISIONS,
     )
+    max_bad_steps: int = option(
+        5, "stop after this many consecutive steps with a non-finite loss (each one is skipped)"
+    )
     seed: int = option(1337, "random seed: the same seed and settings repeat a CPU run exactly")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
     out: str | None = option(None, "run directory (default: runs/<corpus>-<timestamp>)")
@@ -137,7 +140,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings no training run can use."""
-        for name in ("batch_size", "seq_len", "eval_every", "log_every"):
+        for name in ("batch_size", "seq_len", "eval_every", "log_every", "max_bad_steps"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(self.lr > 0, "--lr must be greater than 0")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")

@@ -44,9 +44,8 @@ METRICS_FILE = "metrics.jsonl"
 # Settings a resumed run may change: they steer when to stop and what to log, not what is learnt.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "max_epochs", "time_budget", "eval_every", "log_every", "device", "out",
-     "resume", "overwrite", "sample_length"}
+     "resume", "overwrite", "sample_length", "max_bad_steps"}
 )  # fmt: skip
-MAX_BAD_STEPS = 5  # consecutive non-finite losses before training gives up
 
 
 @dataclass
@@ -72,7 +71,9 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     run_dir = resume_from.parent if resume_from else _new_run_dir(config)
     saved = read_checkpoint(resume_from) if resume_from else None
     if saved is not None:
-        _check_resume_compatible(saved.config, config)
+        changed = _check_resume_compatible(saved.config, config)
+        if changed:
+            print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     device = resolve_device(config.train.device)
     corpus = load_corpus(config.data, vocab=saved.vocab if saved else None)
     if saved is not None and saved.info.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
@@ -143,6 +144,7 @@ class _Trainer:
         self.last_eval_seconds: float | None = None
         self.bad_steps = 0
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after this step
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, 0.0
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -159,24 +161,19 @@ class _Trainer:
             mininterval=0.1 if sys.stderr.isatty() else 10.0,  # keep logs of batch jobs short
         )
         last_eval_step = self.step if self.step > 0 else -1
-        window_loss, window_steps, window_start = 0.0, 0, self.elapsed()
-        with bar, open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as metrics:
+        self.window_start = self.elapsed()
+        with bar, self._open_metrics() as metrics:
             while not self._should_stop():
                 loss = self._train_step()
-                window_loss, window_steps = window_loss + loss, window_steps + 1
+                # Kept on self (and in resume state) so a resumed run logs the same averages.
+                self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
                 bar.update(1)
                 if self.step % self.tc.log_every == 0:
-                    now = self.elapsed()
-                    chars = window_steps * self.tc.batch_size * self.tc.seq_len
-                    speed = chars / max(now - window_start, 1e-9)
-                    train_loss = window_loss / window_steps
-                    self._log(metrics, kind="train", loss=train_loss, chars_per_s=speed)
-                    bar.set_postfix(self._postfix(train_loss, speed), refresh=False)
-                    window_loss, window_steps, window_start = 0.0, 0, now
+                    self._log_train(metrics, bar)
                 if self.step % self.tc.eval_every == 0:
                     self._evaluate_and_save(metrics, bar)
                     last_eval_step = self.step
-                    window_start = self.elapsed()  # keep evaluation out of the speed figure
+                    self.window_start = self.elapsed()  # keep evaluation out of the speed figure
             if self.stop_signal is not None:
                 self._save(self.run_dir / "last", self._info(None), with_resume_state=True)
                 raise TrainingInterrupted(self.stop_signal, self.run_dir, self.step)
@@ -193,6 +190,21 @@ class _Trainer:
         model = CharLM.load(self.run_dir / "best", device=str(self.device))
         val = EvalResult(best_val["loss"], best_val["characters"])
         return TrainResult(self.run_dir, self.step, total, val, model)
+
+    def _log_train(self, metrics, bar) -> None:
+        now = self.elapsed()
+        chars = self.window_steps * self.tc.batch_size * self.tc.seq_len
+        speed = chars / max(now - self.window_start, 1e-9)
+        train_loss = self.window_loss / self.window_steps
+        self._log(metrics, kind="train", loss=train_loss, chars_per_s=speed)
+        bar.set_postfix(self._postfix(train_loss, speed), refresh=False)
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, now
+
+    def _open_metrics(self):
+        try:
+            return open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        except OSError as e:
+            raise CharLSTMError(f"cannot write {self.run_dir / METRICS_FILE}: {e}") from None
 
     def _train_step(self) -> float:
         batch = self.batcher.next_batch()
@@ -226,7 +238,7 @@ class _Trainer:
         self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
-        if self.bad_steps >= MAX_BAD_STEPS:
+        if self.bad_steps >= self.tc.max_bad_steps:
             raise CharLSTMError(
                 f"the loss was not finite ({value}) for {self.bad_steps} steps in a row at step "
                 f"{self.step + 1}; try a lower --lr (now {self.tc.lr:g}) or --precision fp32"
@@ -278,6 +290,11 @@ class _Trainer:
     def _evaluate_and_save(self, metrics, bar) -> None:
         began = time.monotonic()
         result = evaluate_ids(self.net, [self.corpus.val])
+        if not math.isfinite(result.loss):
+            raise CharLSTMError(
+                f"the validation loss is not finite at step {self.step}; the model diverged, so "
+                f"it is not saved: try a lower --lr (now {self.tc.lr:g})"
+            )
         improved = self.best_val is None or result.loss < self.best_val
         if improved:
             self.best_val = result.loss
@@ -340,6 +357,7 @@ class _Trainer:
             "param_groups": optimizer["param_groups"],
             "scaler": self.scaler.state_dict(),
             "carried_state": self.state is not None,
+            "log_window": [self.window_loss, self.window_steps],
         }
         return tensors, json_state
 
@@ -361,6 +379,7 @@ class _Trainer:
         self.elapsed_before = float(state["elapsed"])
         self.best_val = state["best_val"]
         self.batcher.load_state_dict(state["batcher"])
+        self.window_loss, self.window_steps = state["log_window"]
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -479,20 +498,22 @@ def _default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _check_resume_compatible(saved: RunConfig, wanted: RunConfig) -> None:
-    """Refuse a resume that would change what is being learnt; allow stopping/logging changes."""
+def _check_resume_compatible(saved: RunConfig, wanted: RunConfig) -> list[str]:
+    """Refuse a resume that would change what is being learnt; return the harmless changes."""
     old, new = saved.to_dict(), wanted.to_dict()
-    differing = [
-        f"{key} ({old[section][key]!r} -> {new[section][key]!r})"
+    changes = {
+        key: f"{key} ({old[section][key]!r} -> {new[section][key]!r})"
         for section in old
         for key in old[section]
-        if old[section][key] != new[section][key] and key not in RESUMABLE_CHANGES
-    ]
-    if differing:
+        if old[section][key] != new[section][key]
+    }
+    refused = [text for key, text in changes.items() if key not in RESUMABLE_CHANGES]
+    if refused:
         raise CharLSTMError(
-            "cannot resume with different settings: " + ", ".join(differing)
+            "cannot resume with different settings: " + ", ".join(refused)
             + "; drop those flags or start a new run"
         )  # fmt: skip
+    return [text for key, text in changes.items() if key not in ("resume", "out", "overwrite")]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
