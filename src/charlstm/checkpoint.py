@@ -116,6 +116,7 @@ def recover_checkpoint(directory: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint path or a run directory (best/, else last/)."""
     path = Path(path).expanduser()
+    recover_checkpoint(path)  # a checkpoint may be set aside by an interrupted replacement
     if not path.exists():
         raise CharLSTMError(
             f"{path} does not exist: give a run directory or a checkpoint directory"
@@ -144,6 +145,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"{directory} uses checkpoint format {version}, newer than this charlstm reads "
             f"({FORMAT_VERSION}): upgrade charlstm"
         )
+    if not isinstance(document.get("config"), dict):
+        raise CharLSTMError(f"{directory / CONFIG_FILE} is malformed: it has no config table")
     try:
         config = RunConfig.from_dict(document["config"])
         vocab = Vocab.from_json(document["vocab"])

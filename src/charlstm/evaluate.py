@@ -80,7 +80,7 @@ def _score(
     first = max(len(context), 1)  # the very first symbol of a text has nothing to predict it
     if first >= len(full):
         return 0.0, 0
-    n_segments = max(1, min(segments, (len(full) - first) // (4 * prime)))
+    n_segments = max(1, min(segments, (len(full) - first) // (4 * max(prime, 1))))
     bounds = np.linspace(first, len(full), n_segments + 1).astype(np.int64)
     rows = [(max(0, a - 1 - prime), a, b) for a, b in itertools.pairwise(bounds)]
     width = max(b - 1 - start for start, _, b in rows)

@@ -41,7 +41,7 @@ class CharLM:
         except (RuntimeError, CharLSTMError) as e:
             raise CharLSTMError(
                 f"{checkpoint.path}: the weights do not match the configuration and vocabulary "
-                f"in config.json ({str(e).splitlines()[0]})"
+                f"in config.json ({_first_detail(e)})"
             ) from None
         net.to(resolve_device(device)).eval()
         return cls(net, checkpoint.vocab, checkpoint.config, checkpoint.info)
@@ -119,15 +119,27 @@ class CharLM:
             seed=config.seed,
         )
         return (
-            [decode(i) for decode, i in zip(decoders, ids.tolist(), strict=True)] for ids in steps
+            [
+                decode(i, step == length - 1)
+                for decode, i in zip(decoders, ids.tolist(), strict=True)
+            ]
+            for step, ids in enumerate(steps)
         )
 
 
+def _first_detail(error: Exception) -> str:
+    """The first informative line of an error: load_state_dict's header line says nothing."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1:] or lines or [type(error).__name__])[0]
+
+
 def _piece_decoder(vocab: Vocab):
-    """A function from one id to its text: a character, or for byte models whatever UTF-8
-    characters that byte completes (an incremental decoder, so multi-byte characters survive)."""
+    """A function from one id (and whether it is the last) to its text: a character, or for
+    byte models whatever UTF-8 characters that byte completes (an incremental decoder, so
+    multi-byte characters survive; on the last id an unfinished one becomes U+FFFD, as in
+    :meth:`Vocab.decode`)."""
     symbols = vocab.codepoints
     if vocab.kind != BYTES:
-        return lambda i: chr(symbols[i])
+        return lambda i, final: chr(symbols[i])
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda i: decoder.decode(bytes([symbols[i]]))
+    return lambda i, final: decoder.decode(bytes([symbols[i]]), final=final)

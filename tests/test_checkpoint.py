@@ -1,0 +1,505 @@
+"""Checkpoint directories: round trips, finding them, crash recovery and refusing bad files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import charlstm
+from charlstm.checkpoint import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    read_checkpoint,
+    read_resume_state,
+    read_tensors,
+    recover_checkpoint,
+    resolve_checkpoint,
+    write_checkpoint,
+)
+from charlstm.config import RunConfig
+from charlstm.data import Vocab
+from charlstm.errors import CharLSTMError
+from charlstm.model import CharRNN
+
+TEXT = "To be, or not to be: that is the question.\n"
+
+
+def tiny_setup(cell: str = "lstm", seed: int = 0) -> tuple[RunConfig, Vocab, CharRNN]:
+    config = RunConfig().with_overrides(
+        {"cell": cell, "embed_dim": 5, "hidden_dim": 7, "n_layers": 2, "dropout": 0.1}
+    )
+    vocab = Vocab("text", tuple(sorted({ord(c) for c in TEXT})))
+    torch.manual_seed(seed)
+    return config, vocab, CharRNN(config.model, vocab.size)
+
+
+def save(
+    directory: Path, cell: str = "lstm", seed: int = 0, **kw
+) -> tuple[RunConfig, Vocab, CharRNN]:
+    config, vocab, net = tiny_setup(cell, seed)
+    write_checkpoint(
+        directory,
+        config=config,
+        vocab=vocab,
+        weights=net.state_dict(),
+        info={"step": seed, "val": {"loss": 1.5}},
+        **kw,
+    )
+    return config, vocab, net
+
+
+def probe_ids(vocab: Vocab) -> torch.Tensor:
+    return torch.as_tensor(vocab.encode(TEXT).astype(np.int64)).view(1, -1)
+
+
+# ---- round trips ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_write_then_read_is_identical(tmp_path, cell):
+    config, vocab, net = save(tmp_path / "ck", cell)
+    ck = read_checkpoint(tmp_path / "ck")
+    assert ck.path == tmp_path / "ck"
+    assert ck.config == config
+    assert ck.vocab == vocab
+    original = net.state_dict()
+    assert set(ck.weights) == set(original)
+    for name, tensor in original.items():
+        assert ck.weights[name].dtype == tensor.dtype
+        assert torch.equal(ck.weights[name], tensor), name
+        assert ck.weights[name].device.type == "cpu"
+    assert ck.info["step"] == 0
+    assert ck.info["val"] == {"loss": 1.5}
+    assert ck.info["format_version"] == FORMAT_VERSION
+    assert ck.info["versions"]["charlstm"] == charlstm.__version__
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_byte_vocabulary_round_trips(tmp_path):
+    config, _, _ = tiny_setup()
+    vocab = Vocab("bytes", (0, 10, 32, 65, 169, 195, 255))
+    net = CharRNN(config.model, vocab.size)
+    write_checkpoint(tmp_path / "b", config=config, vocab=vocab, weights=net.state_dict(), info={})
+    assert read_checkpoint(tmp_path / "b").vocab == vocab
+
+
+def test_non_ascii_text_vocabulary_round_trips(tmp_path):
+    config, _, _ = tiny_setup()
+    vocab = Vocab("text", tuple(sorted({ord(c) for c in '\n "\\aé€𝄞'})))
+    net = CharRNN(config.model, vocab.size)
+    write_checkpoint(tmp_path / "u", config=config, vocab=vocab, weights=net.state_dict(), info={})
+    assert read_checkpoint(tmp_path / "u").vocab == vocab
+
+
+def test_resume_state_round_trips(tmp_path):
+    tensors = {"optimizer.0.exp_avg": torch.randn(3, 4), "rng": torch.arange(5, dtype=torch.uint8)}
+    save(tmp_path / "last", resume_tensors=tensors, resume_json={"step": 7, "offset": [1, 2]})
+    loaded, meta = read_resume_state(tmp_path / "last")
+    assert meta == {"step": 7, "offset": [1, 2]}
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    save(tmp_path / "best")
+    with pytest.raises(CharLSTMError, match="no resume state"):
+        read_resume_state(tmp_path / "best")
+
+
+def test_load_gives_bit_identical_logits(tmp_path):
+    _, vocab, net = save(tmp_path / "ck", "lstm", seed=3)
+    model = charlstm.load(str(tmp_path / "ck"), device="cpu")
+    assert not model.net.training
+    net.eval()
+    x = probe_ids(vocab)
+    with torch.no_grad():
+        expected, expected_state = net(x)
+        got, got_state = model.net(x)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(got_state, expected_state, strict=True))
+
+
+def test_load_of_a_trained_run_matches_its_best_checkpoint(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    ck = read_checkpoint(trained_run / "best")
+    for name, tensor in model.net.state_dict().items():
+        assert torch.equal(tensor, ck.weights[name]), name
+    assert model.info["step"] == ck.info["step"]
+
+
+def test_rewrite_replaces_and_leaves_no_debris(tmp_path):
+    save(tmp_path / "last", seed=1)
+    _, _, second = save(tmp_path / "last", seed=2)
+    ck = read_checkpoint(tmp_path / "last")
+    assert ck.info["step"] == 2
+    assert all(torch.equal(ck.weights[k], v) for k, v in second.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+def test_weights_on_another_dtype_still_load_on_cpu(tmp_path):
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        config, vocab, net = tiny_setup(seed=4)
+        weights = {k: v.to(dtype) for k, v in net.state_dict().items()}
+        directory = tmp_path / str(dtype)
+        write_checkpoint(directory, config=config, vocab=vocab, weights=weights, info={})
+        assert read_checkpoint(directory).weights["head.weight"].dtype == dtype
+        model = charlstm.load(str(directory), device="cpu")
+        assert model.device.type == "cpu"
+        for name, tensor in model.net.state_dict().items():
+            assert tensor.dtype == torch.float32
+            assert torch.equal(tensor, weights[name].float()), name
+        with torch.no_grad():
+            logits, _ = model.net(probe_ids(vocab))
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weights_saved_from_a_gpu_load_on_cpu(tmp_path):
+    config, vocab, net = tiny_setup(seed=5)
+    net.cuda()
+    write_checkpoint(tmp_path / "g", config=config, vocab=vocab, weights=net.state_dict(), info={})
+    model = charlstm.load(str(tmp_path / "g"), device="cpu")
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[name], tensor.cpu())
+
+
+# ---- finding a checkpoint ---------------------------------------------------------------
+
+
+def test_resolve_picks_best_of_a_run_directory(tmp_path):
+    save(tmp_path / "run" / "best")
+    save(tmp_path / "run" / "last")
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "best"
+    assert resolve_checkpoint(str(tmp_path / "run" / "last")) == tmp_path / "run" / "last"
+    assert resolve_checkpoint(tmp_path / "run" / "best") == tmp_path / "run" / "best"
+
+
+def test_resolve_falls_back_to_last(tmp_path):
+    save(tmp_path / "run" / "last")
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "last"
+
+
+def test_resolve_of_the_trained_run(trained_run):
+    assert resolve_checkpoint(trained_run) == trained_run / "best"
+
+
+def test_resolve_refuses_a_file(tmp_path):
+    save(tmp_path / "ck")
+    with pytest.raises(CharLSTMError, match="is a file; give the checkpoint directory") as info:
+        resolve_checkpoint(tmp_path / "ck" / WEIGHTS_FILE)
+    assert "\n" not in str(info.value)
+
+
+def test_resolve_refuses_a_missing_path(tmp_path):
+    with pytest.raises(CharLSTMError, match="does not exist") as info:
+        resolve_checkpoint(tmp_path / "nowhere")
+    assert "run directory or a checkpoint directory" in str(info.value)
+    with pytest.raises(CharLSTMError, match="does not exist"):
+        charlstm.load(str(tmp_path / "nowhere"))
+
+
+def test_resolve_refuses_an_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CharLSTMError, match=r"not a charlstm checkpoint or run directory"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+# ---- crash safety -----------------------------------------------------------------------
+
+
+def weights_of(directory: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(directory).weights
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("how", ["missing", "no-config", "empty"])
+def test_interrupted_replacement_brings_the_old_checkpoint_back(tmp_path, how):
+    run = tmp_path / "run"
+    _, _, old = save(run / "last", seed=1)
+    # A crash between "move the old one aside" and "rename the new one in".
+    (run / "last").rename(run / ".last.old")
+    if how == "no-config":
+        save(run / "partial", seed=2)
+        (run / "partial" / CONFIG_FILE).unlink()
+        (run / "partial").rename(run / "last")
+    elif how == "empty":
+        (run / "last").mkdir()
+    assert resolve_checkpoint(run) == run / "last"
+    assert same_weights(weights_of(run / "last"), old.state_dict())
+    assert not (run / ".last.old").exists()
+
+
+def test_resolve_of_the_checkpoint_itself_recovers_it(tmp_path):
+    run = tmp_path / "run"
+    _, _, old = save(run / "last", seed=1)
+    (run / "last").rename(run / ".last.old")
+    assert resolve_checkpoint(run / "last") == run / "last"
+    assert same_weights(weights_of(run / "last"), old.state_dict())
+
+
+def test_recover_keeps_a_complete_new_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    save(run / "last", seed=1)
+    shutil.copytree(run / "last", run / ".last.old")
+    _, _, new = save(run / "new", seed=2)
+    shutil.rmtree(run / "last")
+    (run / "new").rename(run / "last")
+    # A crash after the new one was renamed in, before the old one was removed.
+    recover_checkpoint(run / "last")
+    assert not (run / ".last.old").exists()
+    assert same_weights(weights_of(run / "last"), new.state_dict())
+
+
+def test_recover_without_debris_changes_nothing(tmp_path):
+    _, _, net = save(tmp_path / "last", seed=1)
+    recover_checkpoint(tmp_path / "last")
+    recover_checkpoint(tmp_path / "never-written")
+    assert same_weights(weights_of(tmp_path / "last"), net.state_dict())
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_leftover_temporary_directory_is_harmless(tmp_path):
+    run = tmp_path / "run"
+    _, _, old = save(run / "last", seed=1)
+    # A crash while the new checkpoint was still being written into its temporary directory.
+    tmp = run / ".last.tmp-abc123"
+    tmp.mkdir()
+    (tmp / WEIGHTS_FILE).write_bytes(b"\x00" * 10)
+    assert resolve_checkpoint(run) == run / "last"
+    assert same_weights(weights_of(run), old.state_dict())
+    _, _, new = save(run / "last", seed=2)  # the next save still works
+    assert same_weights(weights_of(run), new.state_dict())
+
+
+def test_crash_between_the_two_renames_with_a_temporary_left(tmp_path):
+    run = tmp_path / "run"
+    _, _, old = save(run / "last", seed=1)
+    save(run / ".last.tmp-xyz", seed=2)  # the new checkpoint, complete but never renamed in
+    (run / "last").rename(run / ".last.old")
+    assert same_weights(weights_of(run), old.state_dict())
+    assert (run / "last" / CONFIG_FILE).is_file()
+    _, _, new = save(run / "last", seed=3)
+    assert same_weights(weights_of(run / "last"), new.state_dict())
+
+
+def test_write_finishes_an_earlier_interrupted_replacement(tmp_path):
+    run = tmp_path / "run"
+    save(run / "last", seed=1)
+    (run / "last").rename(run / ".last.old")
+    _, _, new = save(run / "last", seed=2)
+    assert not (run / ".last.old").exists()
+    assert same_weights(weights_of(run / "last"), new.state_dict())
+
+
+# ---- refusing damaged, foreign and unsafe files -----------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates a file: the stand-in for arbitrary code in a pickle."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _pickled(kind: str, target: Path) -> bytes:
+    payload = {"embed.weight": _Payload(target)}
+    if kind == "torch-zip":
+        path = target.parent / "zip.pt"
+        torch.save(payload, path)
+        return path.read_bytes()
+    if kind == "torch-legacy":
+        path = target.parent / "legacy.pt"
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+        return path.read_bytes()
+    protocol = int(kind.removeprefix("pickle-"))
+    return pickle.dumps(payload, protocol=protocol)
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "torch-legacy", "pickle-2", "pickle-5"])
+def test_a_pickle_is_refused_without_running_it(tmp_path, kind):
+    # First prove that the payload is live: unpickling it really creates a file.
+    proof = tmp_path / "proof"
+    proof.mkdir()
+    data = _pickled(kind, proof / "ran")
+    if kind.startswith("torch"):
+        (proof / "check.pt").write_bytes(data)
+        torch.load(proof / "check.pt", weights_only=False)
+    else:
+        pickle.loads(data)
+    assert (proof / "ran").exists()
+
+    canary = tmp_path / "canary"
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(_pickled(kind, canary))
+    for load in (read_checkpoint, charlstm.load, lambda p: read_tensors(Path(p) / WEIGHTS_FILE)):
+        with pytest.raises(CharLSTMError) as info:
+            load(str(tmp_path / "ck"))
+        message = str(info.value)
+        assert "pickle" in message
+        assert "never unpickles" in message
+        assert "\n" not in message
+    assert not canary.exists()
+
+
+def test_an_old_protocol_pickle_is_refused_without_running_it(tmp_path):
+    canary = tmp_path / "canary"
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(_pickled("pickle-0", canary))
+    with pytest.raises(CharLSTMError, match="not a valid safetensors file"):
+        charlstm.load(str(tmp_path / "ck"))
+    assert not canary.exists()
+
+
+def _one_line_error(directory: Path) -> str:
+    with pytest.raises(CharLSTMError) as info:
+        charlstm.load(str(directory), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_truncated_weights(tmp_path):
+    save(tmp_path / "ck")
+    weights = tmp_path / "ck" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-100])
+    message = _one_line_error(tmp_path / "ck")
+    assert "not a valid safetensors file" in message
+    assert WEIGHTS_FILE in message
+
+
+def test_truncated_header(tmp_path):
+    save(tmp_path / "ck")
+    weights = tmp_path / "ck" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:20])
+    assert "not a valid safetensors file" in _one_line_error(tmp_path / "ck")
+
+
+def test_zero_byte_weights(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(b"")
+    message = _one_line_error(tmp_path / "ck")
+    assert "is empty" in message
+    assert "damaged" in message
+
+
+def test_random_garbage_weights(tmp_path):
+    save(tmp_path / "ck")
+    garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    assert not garbage.startswith((b"\x80", b"PK"))
+    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(garbage)
+    assert "not a valid safetensors file" in _one_line_error(tmp_path / "ck")
+
+
+def test_missing_weights(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / WEIGHTS_FILE).unlink()
+    message = _one_line_error(tmp_path / "ck")
+    assert "is missing" in message
+    assert "incomplete" in message
+
+
+def test_foreign_safetensors_names(tmp_path):
+    save(tmp_path / "ck")
+    safetensors.torch.save_file(
+        {"encoder.weight": torch.zeros(3, 4), "decoder.bias": torch.zeros(2)},
+        tmp_path / "ck" / WEIGHTS_FILE,
+    )
+    message = _one_line_error(tmp_path / "ck")
+    assert "do not match" in message
+    assert "Missing key(s)" in message
+    assert "embed.weight" in message
+
+
+def test_foreign_safetensors_shapes(tmp_path):
+    save(tmp_path / "ck")
+    _, vocab, _ = tiny_setup()
+    other = RunConfig().with_overrides({"embed_dim": 5, "hidden_dim": 9, "n_layers": 2})
+    safetensors.torch.save_file(
+        CharRNN(other.model, vocab.size).state_dict(), tmp_path / "ck" / WEIGHTS_FILE
+    )
+    message = _one_line_error(tmp_path / "ck")
+    assert "do not match" in message
+    assert "size mismatch" in message
+
+
+def test_vocabulary_that_does_not_fit_the_weights(tmp_path):
+    save(tmp_path / "ck")
+    document = json.loads((tmp_path / "ck" / CONFIG_FILE).read_text(encoding="utf-8"))
+    document["vocab"]["symbols"] = document["vocab"]["symbols"][:-2]
+    (tmp_path / "ck" / CONFIG_FILE).write_text(json.dumps(document), encoding="utf-8")
+    message = _one_line_error(tmp_path / "ck")
+    assert "vocabulary" in message
+    assert "size mismatch for embed.weight" in message
+
+
+def test_missing_config(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / CONFIG_FILE).unlink()
+    message = _one_line_error(tmp_path / "ck")
+    assert "not a charlstm checkpoint or run directory" in message
+    assert CONFIG_FILE in message
+
+
+def test_malformed_json(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / CONFIG_FILE).write_text(
+        '{"format": "charlstm-checkpoint",', encoding="utf-8"
+    )
+    message = _one_line_error(tmp_path / "ck")
+    assert "not valid JSON" in message
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / CONFIG_FILE).write_text("[1, 2]", encoding="utf-8")
+    assert "does not hold a JSON object" in _one_line_error(tmp_path / "ck")
+
+
+def test_config_json_of_another_program(tmp_path):
+    save(tmp_path / "ck")
+    (tmp_path / "ck" / CONFIG_FILE).write_text('{"model_type": "bert"}', encoding="utf-8")
+    assert "is not a charlstm checkpoint configuration" in _one_line_error(tmp_path / "ck")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda d: d["config"]["model"].update(hidden_dim="wide"), "wrong type"),
+        (lambda d: d["config"]["model"].update(depth=3), "unknown setting"),
+        (lambda d: d.pop("vocab"), "vocab"),
+        (lambda d: d["vocab"].update(symbols="ba"), "sorted"),
+        (lambda d: d.update(config=[1]), "malformed"),
+    ],
+)
+def test_malformed_config_entries(tmp_path, edit, words):
+    save(tmp_path / "ck")
+    path = tmp_path / "ck" / CONFIG_FILE
+    document = json.loads(path.read_text(encoding="utf-8"))
+    edit(document)
+    path.write_text(json.dumps(document), encoding="utf-8")
+    message = _one_line_error(tmp_path / "ck")
+    assert "malformed" in message
+    assert words in message
+
+
+def test_newer_format_version(tmp_path):
+    save(tmp_path / "ck")
+    path = tmp_path / "ck" / CONFIG_FILE
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(document), encoding="utf-8")
+    message = _one_line_error(tmp_path / "ck")
+    assert f"format {FORMAT_VERSION + 1}" in message
+    assert "newer" in message
+    assert "upgrade charlstm" in message

@@ -1,0 +1,394 @@
+"""The ``charlstm`` command, run as a real subprocess: train, sample, eval, and its errors.
+
+Each subprocess pays ~1.5 s to import torch, so independent commands are started side by side
+(``run_many``) where a test needs several.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import charlstm
+
+TIMEOUT = 120  # seconds; every command here takes a few
+# Flags that keep a training command tiny in case a check under test fails to stop it.
+FAST_TRAIN = [
+    "--max-steps", "5", "--embed-dim", "16", "--hidden-dim", "32", "--batch-size", "8",
+    "--seq-len", "32", "--eval-every", "5", "--device", "cpu", "--precision", "fp32",
+    "--sample-length", "0",
+]  # fmt: skip
+
+
+def cli_env(data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, CHARLSTM_DATA_DIR=str(data_dir), PYTHONIOENCODING="utf-8")
+    # Block-buffered stdout, as in a user's shell pipeline (this sandbox sets it unbuffered).
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(args: Sequence[object], data_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "charlstm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=cli_env(data_dir),
+        cwd=cwd,
+        timeout=TIMEOUT,
+    )
+
+
+def run_many(
+    commands: Sequence[Sequence[object]], data_dir: Path, cwd: Path
+) -> list[subprocess.CompletedProcess]:
+    """Independent commands run concurrently, results in order."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda args: run_cli(args, data_dir, cwd), commands))
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+# ---- version, train -------------------------------------------------------------------------
+
+
+def test_version(isolated_data_dir, tmp_path):
+    script = Path(sys.executable).with_name("charlstm")  # the installed console script
+    if not script.exists():
+        pytest.skip("console script not installed next to the interpreter")
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0
+    assert result.stdout == f"charlstm {charlstm.__version__}\n"
+
+
+def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = ok(
+        run_cli(
+            ["train", "--data", shakespeare_200k, "--out", out, "--max-steps", "30",
+             "--eval-every", "15", "--embed-dim", "32", "--hidden-dim", "64", "--batch-size",
+             "16", "--seq-len", "64", "--dropout", "0", "--device", "cpu", "--precision", "fp32",
+             "--sample-length", "40"],
+            isolated_data_dir,
+            tmp_path,
+        )
+    )  # fmt: skip
+    parameters = charlstm.load(str(out), device="cpu").net.num_parameters()
+    assert f"{parameters:,} parameters" in result.stderr
+    for step in (15, 30):
+        assert re.search(
+            rf"^step {step}: validation loss \d+\.\d{{4}} nats/char", result.stderr, re.M
+        )
+    assert f"sample from {out / 'best'}:" in result.stderr
+    # stdout is the sample alone: 40 characters and a newline.
+    assert len(result.stdout) == 41 and result.stdout.endswith("\n")
+    assert {"best", "last", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+def test_train_on_a_text_without_newlines_still_prints_its_sample(
+    shakespeare_200k, isolated_data_dir, tmp_path
+):
+    # The end-of-training sample starts from "\n"; a one-line text has no such character.
+    corpus = tmp_path / "one-line.txt"
+    text = shakespeare_200k.read_text(encoding="utf-8")[:20_000].replace("\n", " ")
+    corpus.write_text(text, encoding="utf-8")
+    result = ok(
+        run_cli(
+            ["train", "--data", corpus, "--out", tmp_path / "run", *FAST_TRAIN,
+             "--sample-length", "20"],
+            isolated_data_dir,
+            tmp_path,
+        )
+    )  # fmt: skip
+    assert len(result.stdout) == 21 and result.stdout.endswith("\n")
+    assert "\n" not in result.stdout[:-1]  # only characters the model knows
+
+
+def test_config_file_sets_values_flags_override_and_resume_keeps_them(
+    shakespeare_200k, isolated_data_dir, tmp_path
+):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        "sample-length = 0\n"
+        "[model]\nhidden-dim = 48\nembed_dim = 16\n"
+        "[train]\nmax_steps = 1000\nbatch_size = 8\nseq_len = 32\nlr = 0.005\n"
+        'device = "cpu"\nprecision = "fp32"\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    first = ok(
+        run_cli(
+            ["train", "--config", config, "--data", shakespeare_200k, "--out", out,
+             "--max-steps", "6", "--lr", "0.002"],
+            isolated_data_dir,
+            tmp_path,
+        )
+    )  # fmt: skip
+    assert first.stdout == ""  # sample-length 0 from the file
+    saved = json.loads((out / "last" / "config.json").read_text(encoding="utf-8"))
+    assert saved["step"] == 6  # --max-steps 6 beat the file's 1000
+    assert saved["config"]["model"]["hidden_dim"] == 48
+    assert saved["config"]["model"]["embed_dim"] == 16
+    assert (saved["config"]["train"]["batch_size"], saved["config"]["train"]["seq_len"]) == (8, 32)
+    assert saved["config"]["train"]["lr"] == 0.002  # the flag beat the file's 0.005
+
+    # --resume keeps the run's saved settings; only the flags given now change.
+    second = ok(
+        run_cli(["train", "--resume", out, "--max-steps", "9"], isolated_data_dir, tmp_path)
+    )
+    assert f"resuming {out} at step 6" in second.stderr
+    saved = json.loads((out / "last" / "config.json").read_text(encoding="utf-8"))
+    assert saved["step"] == 9
+    assert saved["config"]["model"]["hidden_dim"] == 48
+
+
+# ---- sample ---------------------------------------------------------------------------------
+
+
+def test_sample_prints_exactly_length_characters_reproducibly(
+    trained_run, isolated_data_dir, tmp_path
+):
+    sample = ["sample", trained_run, "--prompt", "ROMEO:", "--length", "50", "--device", "cpu"]
+    first, again, other = run_many(
+        [[*sample, "--seed", "3"], [*sample, "--seed", "3"], [*sample, "--seed", "4"]],
+        isolated_data_dir,
+        tmp_path,
+    )
+    for result in (first, again, other):
+        ok(result)
+        assert len(result.stdout) == 51 and result.stdout.endswith("\n")
+    assert first.stdout == again.stdout
+    assert first.stdout != other.stdout
+
+
+def test_num_samples_prints_that_many_samples(trained_run, isolated_data_dir, tmp_path):
+    result = ok(
+        run_cli(
+            ["sample", trained_run, "--num-samples", "3", "--length", "30", "--seed", "1",
+             "--device", "cpu"],
+            isolated_data_dir,
+            tmp_path,
+        )
+    )  # fmt: skip
+    text, samples = result.stdout, []
+    for index in (1, 2, 3):
+        header = f"=== sample {index} ===\n"
+        assert text.startswith(header), result.stdout
+        samples.append(text[len(header) : len(header) + 30])
+        assert text[len(header) + 30] == "\n"
+        text = text[len(header) + 31 :]
+    assert text == ""
+    assert len(set(samples)) == 3  # independent draws, not one sample three times
+
+
+def test_temperature_zero_is_deterministic_without_a_seed(trained_run, isolated_data_dir, tmp_path):
+    greedy = ["sample", trained_run, "--temperature", "0", "--length", "60", "--device", "cpu"]
+    first, second = run_many([greedy, greedy], isolated_data_dir, tmp_path)
+    assert ok(first).stdout == ok(second).stdout
+    assert len(first.stdout) == 61
+
+
+@pytest.mark.parametrize("extra", [[], ["--num-samples", "3"]], ids=["stream", "batch"])
+def test_sample_into_a_closed_pipe_exits_quietly(trained_run, isolated_data_dir, tmp_path, extra):
+    # `charlstm sample ... | head -c 10` where head has already gone: the reader end is closed
+    # before the command writes anything, so every write meets a broken pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "charlstm", "sample", str(trained_run), "--length", "200",
+             "--device", "cpu", *extra],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(isolated_data_dir),
+            cwd=tmp_path,
+            timeout=TIMEOUT,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+    assert result.returncode == 0
+
+
+def test_sample_stops_quietly_when_the_reader_leaves_early(
+    trained_run, isolated_data_dir, tmp_path
+):
+    # Like `| head -c 10`: read a little, then close. 100,000 characters cannot fit in a pipe
+    # buffer, so the command must notice the closed pipe and stop long before finishing.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlstm", "sample", str(trained_run), "--length", "100000",
+         "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(isolated_data_dir),
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        head = process.stdout.read(10)
+        process.stdout.close()
+        stderr = process.stderr.read().decode("utf-8")
+        returncode = process.wait(timeout=TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert len(head) == 10
+    assert stderr == ""
+    assert returncode == 0
+
+
+# ---- eval -----------------------------------------------------------------------------------
+
+
+def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    data = tmp_path / "eval.txt"
+    data.write_text(text, encoding="utf-8")
+    command = ["eval", trained_run, "--data", data, "--device", "cpu"]
+    human, as_json = run_many([command, [*command, "--json"]], isolated_data_dir, tmp_path)
+
+    values = json.loads(ok(as_json).stdout)
+    expected = charlstm.load(str(trained_run), device="cpu").evaluate(text)
+    assert values["characters"] == len(text) - 1
+    assert values["loss"] == pytest.approx(expected.loss, abs=1e-6)
+    assert values["bpc"] == pytest.approx(values["loss"] / math.log(2), rel=1e-12)
+    assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-12)
+
+    match = re.fullmatch(
+        r"loss (\S+) nats/char  (\S+) bits/char  perplexity (\S+)  over ([\d,]+) characters\n",
+        ok(human).stdout,
+    )
+    assert match, human.stdout
+    loss, bits, perplexity = (float(match.group(i)) for i in (1, 2, 3))
+    assert loss == pytest.approx(values["loss"], abs=5e-5)
+    assert bits == pytest.approx(values["bpc"], abs=5e-5)
+    assert perplexity == pytest.approx(values["perplexity"], abs=5e-4)
+    assert int(match.group(4).replace(",", "")) == len(text) - 1
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+# (name, arguments, message pattern); {placeholders} are paths made by the fixture below, and
+# "train" commands get FAST_TRAIN first so that a missing check cannot start a long run.
+ERROR_CASES = [
+    ("invalid-utf8", ["train", "--data", "{bad}", "--out", "{out}"],
+     r"{bad}: invalid UTF-8 at byte 1400$"),
+    ("empty-corpus", ["train", "--data", "{empty}", "--out", "{out}"],
+     r"the training text is empty \({empty}\)"),
+    ("missing-data", ["train", "--data", "{tmp}/nope.txt", "--out", "{out}"],
+     r"{tmp}/nope\.txt: no such file or directory"),
+    ("unseen-prompt", ["sample", "{run}", "--prompt", "héllo"],
+     r"prompt contains characters not in the model's vocabulary: 'é'"),
+    ("temperature", ["sample", "{run}", "--temperature", "-1"],
+     r"--temperature must be 0 \(greedy\) or positive, got -1"),
+    ("top-p-0", ["sample", "{run}", "--top-p", "0"], r"--top-p must be in \(0, 1\], got 0"),
+    ("top-p-1.5", ["sample", "{run}", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1\.5"),
+    ("top-k", ["sample", "{run}", "--top-k", "-1"], r"--top-k must be 0 \(off\) or positive"),
+    ("length", ["sample", "{run}", "--length", "-1"], r"--length must not be negative, got -1"),
+    ("num-samples", ["sample", "{run}", "--num-samples", "0"],
+     r"--num-samples must be at least 1, got 0"),
+    ("hidden-dim", ["train", "--data", "{corpus}", "--out", "{out}", "--hidden-dim", "-3"],
+     r"--hidden-dim must be at least 1"),
+    ("dropout", ["train", "--data", "{corpus}", "--out", "{out}", "--dropout", "1.0"],
+     r"--dropout must be in \[0, 1\)"),
+    ("batch-size", ["train", "--data", "{corpus}", "--out", "{out}", "--batch-size", "0"],
+     r"--batch-size must be at least 1"),
+    ("lr", ["train", "--data", "{corpus}", "--out", "{out}", "--lr", "0"],
+     r"--lr must be greater than 0"),
+    ("existing-run", ["train", "--data", "{corpus}", "--out", "{existing}"],
+     r"run directory {existing} already exists; use --resume {existing} to continue it or "
+     r"--overwrite to replace it"),
+    ("resume-not-a-run", ["train", "--data", "{corpus}", "--resume", "{notrun}"],
+     r"--resume {notrun}: not a run directory with a last/ checkpoint"),
+    ("sample-not-a-checkpoint", ["sample", "{notrun}"],
+     r"{notrun} is not a charlstm checkpoint or run directory"),
+    ("sample-missing-path", ["sample", "{tmp}/nowhere"], r"{tmp}/nowhere does not exist"),
+    ("unknown-flag", ["train", "--bogus"], r"unrecognized arguments: --bogus"),
+    ("time-budget", ["train", "--data", "{corpus}", "--out", "{out}", "--time-budget", "5x"],
+     r"--time-budget '5x' is not a positive duration"),
+    ("missing-config", ["train", "--config", "{tmp}/none.toml"],
+     r"config file {tmp}/none\.toml does not exist"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def error_results(trained_run, shakespeare_200k, session_data_dir, tmp_path_factory):
+    """Every command of ERROR_CASES, run concurrently once: {name: (result, paths)}."""
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    bad = tmp / "bad.txt"
+    # 1,200 characters but 1,400 bytes before the bad byte: the offset must count bytes.
+    bad.write_bytes(("héllo wörld\n" * 100).encode("utf-8") + b"\xff" + b"more text\n")
+    (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "notrun").mkdir()
+    paths = {
+        "tmp": tmp,
+        "bad": bad,
+        "empty": tmp / "empty.txt",
+        "out": tmp / "out",
+        "run": trained_run,
+        "corpus": shakespeare_200k,
+        "existing": shutil.copytree(trained_run, tmp / "existing"),
+        "notrun": tmp / "notrun",
+    }
+    commands = []
+    for _, args, _ in ERROR_CASES:
+        command = [arg.format(**paths) for arg in args]
+        if command[0] == "train":
+            command[1:1] = FAST_TRAIN
+        commands.append(command)
+    results = run_many(commands, session_data_dir, tmp)
+    return {
+        name: (result, paths) for (name, _, _), result in zip(ERROR_CASES, results, strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"), [(c[0], c[2]) for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
+)
+def test_error_exits_2_with_one_error_line(error_results, name, pattern):
+    result, paths = error_results[name]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    escaped = {key: re.escape(str(path)) for key, path in paths.items()}
+    assert re.search(pattern.format(**escaped), lines[0]), lines[0]
+    assert result.stdout == ""
+
+
+def test_error_leaves_an_existing_run_untouched(error_results, trained_run):
+    _, paths = error_results["existing-run"]
+    existing = paths["existing"]
+    for name in ("best/model.safetensors", "last/model.safetensors", "metrics.jsonl"):
+        assert (existing / name).read_bytes() == (trained_run / name).read_bytes()
+    assert not paths["out"].exists()  # no failed command created its run directory
+
+
+def test_debug_shows_the_traceback(trained_run, isolated_data_dir, tmp_path):
+    result = run_cli(
+        ["sample", trained_run, "--prompt", "é", "--debug", "--device", "cpu"],
+        isolated_data_dir,
+        tmp_path,
+    )
+    assert result.returncode == 1  # an uncaught exception
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "charlstm.errors.CharLSTMError: prompt contains characters not in the model's vocabulary"
+    )

@@ -1,0 +1,302 @@
+"""CharLM: generating text, streaming, batches, prompts, evaluation, and byte-level models."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import numpy as np
+import pytest
+import torch
+
+import charlstm
+from charlstm.config import RunConfig
+from charlstm.data import Vocab
+from charlstm.errors import CharLSTMError
+from charlstm.evaluate import evaluate_ids
+from charlstm.lm import CharLM
+from charlstm.model import CharRNN
+from charlstm.sample import generate_ids
+
+ALPHABET = "\n !',.:;?" + string.ascii_letters
+
+
+def text_model(seed: int = 0, cell: str = "lstm") -> CharLM:
+    config = RunConfig().with_overrides(
+        {"cell": cell, "embed_dim": 8, "hidden_dim": 16, "n_layers": 2, "dropout": 0.0}
+    )
+    vocab = Vocab("text", tuple(sorted(ord(c) for c in ALPHABET)))
+    torch.manual_seed(seed)
+    net = CharRNN(config.model, vocab.size)
+    with torch.no_grad():
+        net.head.weight.mul_(4)  # an untrained head is nearly uniform; make choices clear-cut
+    return CharLM(net.eval(), vocab, config)
+
+
+def byte_model(codepoints: tuple[int, ...], seed: int = 0) -> CharLM:
+    config = RunConfig().with_overrides(
+        {"cell": "gru", "embed_dim": 8, "hidden_dim": 16, "n_layers": 1, "dropout": 0.0}
+    )
+    vocab = Vocab("bytes", codepoints)
+    torch.manual_seed(seed)
+    return CharLM(CharRNN(config.model, vocab.size).eval(), vocab, config)
+
+
+def cycling_byte_model() -> CharLM:
+    """A byte model whose greedy output cycles A, 0xC3, 0xA9 ('A', then 'é' in two bytes)."""
+    vocab = Vocab("bytes", (0x41, 0xA9, 0xC3))  # ids: A=0, 0xA9=1, 0xC3=2
+    config = RunConfig().with_overrides(
+        {"cell": "rnn", "embed_dim": 3, "hidden_dim": 3, "n_layers": 1, "dropout": 0.0}
+    )
+    net = CharRNN(config.model, vocab.size)
+    follows = {0: 2, 2: 1, 1: 0}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.embed.weight.copy_(torch.eye(3) * 3)
+        net.rnn.weight_ih_l0.copy_(torch.eye(3))  # the hidden state is the current byte
+        for current, following in follows.items():
+            net.head.weight[following, current] = 10.0
+    return CharLM(net.eval(), vocab, config)
+
+
+# ---- generation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 1, 37])
+def test_generate_returns_the_requested_length(length):
+    model = text_model()
+    text = model.generate("To be", length=length, seed=1)
+    assert isinstance(text, str)
+    assert len(text) == length
+    assert set(text) <= set(ALPHABET)
+
+
+def test_generate_with_a_trained_model(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    text = model.generate("ROMEO:", length=120, temperature=0.8, seed=0)
+    assert len(text) == 120
+    assert set(text) <= set(model.vocab.symbols())
+    assert text == model.generate("ROMEO:", length=120, temperature=0.8, seed=0)
+    # 60 steps are enough to learn that letters are likelier than punctuation.
+    assert sum(c.isalpha() or c.isspace() for c in text) > 80
+
+
+def test_generate_is_the_decoded_id_stream():
+    model = text_model()
+    settings = {"temperature": 1.0, "top_k": 5, "top_p": 0.9, "seed": 42}
+    text = model.generate("Hello", length=50, **settings)
+    prompt = torch.as_tensor(model.vocab.encode("Hello").astype(np.int64))
+    ids = [int(s[0]) for s in generate_ids(model.net, prompt, 50, **settings)]
+    assert text == model.vocab.decode(ids)
+
+
+def test_seed_reproduces_and_settings_matter():
+    model = text_model()
+    a = model.generate("a", length=60, temperature=1.0, seed=7)
+    assert a == model.generate("a", length=60, temperature=1.0, seed=7)
+    assert a != model.generate("a", length=60, temperature=1.0, seed=8)
+    greedy = model.generate("a", length=60, temperature=0)
+    assert greedy == model.generate("a", length=60, top_k=1, seed=3)
+    assert greedy == model.generate("a", length=60, top_k=1, seed=4)
+
+
+def test_stream_yields_one_character_per_step():
+    model = text_model()
+    pieces = list(model.stream("It is", length=33, seed=5))
+    assert len(pieces) == 33
+    assert all(isinstance(p, str) and len(p) == 1 for p in pieces)
+    assert "".join(pieces) == model.generate("It is", length=33, seed=5)
+
+
+def test_stream_is_lazy_and_incremental():
+    model = text_model()
+    calls = []
+    handle = model.net.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        stream = model.stream("abc", length=1000, seed=0)
+        assert calls == []
+        for _ in range(3):
+            next(stream)
+        assert len(calls) == 3  # the prompt pass, then one step per further character
+        stream.close()
+    finally:
+        handle.remove()
+
+
+def test_generate_batch_returns_num_samples_strings():
+    model = text_model()
+    samples = model.generate_batch(4, "The ", length=40, temperature=1.0, seed=9)
+    assert len(samples) == 4
+    assert all(isinstance(s, str) and len(s) == 40 for s in samples)
+    assert len(set(samples)) == 4
+    assert samples == model.generate_batch(4, "The ", length=40, temperature=1.0, seed=9)
+    greedy = model.generate_batch(3, "The ", length=40, temperature=0)
+    assert greedy == [model.generate("The ", length=40, temperature=0)] * 3
+
+
+def test_prompt_with_unknown_characters_is_refused_listing_them():
+    model = text_model()
+    with pytest.raises(CharLSTMError) as info:
+        model.generate("caf\u00e9 \u20ac \u00e9", length=5)
+    message = str(info.value)
+    assert "prompt contains characters not in the model's vocabulary" in message
+    assert "'\u00e9'" in message
+    assert "'\u20ac'" in message
+    assert message.count("'\u00e9'") == 1
+    assert "--unknown skip" in message
+    assert "\n" not in message
+
+
+def test_unknown_characters_are_refused_before_any_step():
+    model = text_model()
+    with pytest.raises(CharLSTMError):
+        model.stream("\u20ac", length=5)  # no iteration needed
+    with pytest.raises(CharLSTMError, match="temperature"):
+        model.stream("a", length=5, temperature=-1)
+    with pytest.raises(CharLSTMError, match="top-p"):
+        model.generate_batch(2, "a", length=5, top_p=0)
+    with pytest.raises(TypeError):
+        model.generate("a", length=5, temprature=0.5)
+
+
+def test_unknown_skip_and_replace():
+    model = text_model()
+    skipped = model.generate("to\u20acbe", length=30, temperature=0, unknown="skip")
+    assert skipped == model.generate("tobe", length=30, temperature=0)
+    replaced = model.generate("to\u20acbe", length=30, temperature=0, unknown="replace")
+    assert replaced == model.generate("to be", length=30, temperature=0)
+    assert skipped != replaced
+
+
+def test_empty_prompt_is_refused():
+    model = text_model()
+    with pytest.raises(CharLSTMError, match="the prompt is empty"):
+        model.generate("", length=5)
+    with pytest.raises(CharLSTMError, match="the prompt is empty"):
+        model.generate("\u20ac\u20ac", length=5, unknown="skip")
+
+
+def test_default_prompt_is_a_newline():
+    model = text_model()
+    assert model.generate(length=20, temperature=0) == model.generate("\n", 20, temperature=0)
+
+
+# ---- evaluation -------------------------------------------------------------------------
+
+SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+def test_evaluate_text_and_files_agree(tmp_path):
+    model = text_model()
+    path = tmp_path / "sample.txt"
+    path.write_text(SAMPLE, encoding="utf-8")
+    from_text = model.evaluate(SAMPLE)
+    assert from_text.characters == len(SAMPLE) - 1
+    assert math.isfinite(from_text.loss) and from_text.loss > 0
+    assert model.evaluate_files([str(path)]) == from_text
+    assert charlstm.evaluate(model, SAMPLE) == from_text
+    ids = model.vocab.encode(SAMPLE)
+    assert evaluate_ids(model.net, [ids]) == from_text
+
+
+def test_evaluate_files_joins_files_with_a_blank_line(tmp_path):
+    model = text_model()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("All:\nSpeak.\n", encoding="utf-8")
+    (tmp_path / "docs" / "b.txt").write_text(
+        "First Citizen:\nYou are all resolved", encoding="utf-8"
+    )
+    (tmp_path / "docs" / "c.txt").write_text("rather to die.", encoding="utf-8")
+    joined = "All:\nSpeak.\n" + "\n" + "First Citizen:\nYou are all resolved" + "\n\n"
+    joined += "rather to die."
+    expected = model.evaluate(joined)
+    files = [str(tmp_path / "docs" / n) for n in ("a.txt", "b.txt", "c.txt")]
+    assert model.evaluate_files(files) == expected
+    assert model.evaluate_files([str(tmp_path / "docs")]) == expected
+
+
+def test_evaluate_of_the_trained_run_matches_its_recorded_validation(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    assert model.info["val"]["characters"] > 0
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    result = model.evaluate(text)
+    assert result.characters == len(text) - 1
+    # A trained model beats the uniform guess over its vocabulary.
+    assert result.loss < math.log(model.vocab.size)
+
+
+def test_evaluate_unknown_policies(tmp_path):
+    model = text_model()
+    text = "caf\u00e9 au lait"
+    with pytest.raises(CharLSTMError, match="'\u00e9'"):
+        model.evaluate(text)
+    assert model.evaluate(text, unknown="skip") == model.evaluate("caf au lait")
+    assert model.evaluate(text, unknown="replace") == model.evaluate("caf  au lait")
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CharLSTMError, match="not in the model's vocabulary"):
+        model.evaluate_files([str(path)])
+    assert model.evaluate_files([str(path)], unknown="skip") == model.evaluate("caf au lait")
+
+
+def test_evaluate_files_with_the_wrong_kind_of_encoding(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abc", encoding="utf-8")
+    with pytest.raises(CharLSTMError, match="this model reads text; --encoding bytes"):
+        text_model().evaluate_files([str(path)], encoding="bytes")
+    with pytest.raises(CharLSTMError, match="this model reads raw bytes"):
+        byte_model((97, 98, 99)).evaluate_files([str(path)], encoding="utf-8")
+
+
+def test_evaluate_files_latin1(tmp_path):
+    model = text_model()
+    path = tmp_path / "latin.txt"
+    path.write_bytes("Speak, speak.".encode("latin-1"))
+    assert model.evaluate_files([str(path)], encoding="latin-1") == model.evaluate("Speak, speak.")
+
+
+# ---- byte-level models ------------------------------------------------------------------
+
+
+def test_byte_model_decodes_multibyte_characters_incrementally():
+    model = cycling_byte_model()
+    pieces = list(model.stream("A", length=9, temperature=0))
+    # Bytes C3 A9 are one character: nothing is shown for the lead byte, then the 'é'.
+    assert pieces == ["", "\u00e9", "A"] * 3
+    assert model.generate("A", length=9, temperature=0) == "\u00e9A\u00e9A\u00e9A"
+    assert model.generate_batch(2, "A", length=6, temperature=0) == ["\u00e9A\u00e9A"] * 2
+    # A prompt that is itself multi-byte is encoded to its bytes.
+    assert model.generate("\u00e9", length=3, temperature=0) == "A\u00e9"
+
+
+def test_byte_model_output_ending_inside_a_character_is_not_lost():
+    model = cycling_byte_model()
+    text = model.generate("A", length=4, temperature=0)  # C3 A9 41 C3: ends mid-character
+    assert text == model.vocab.decode([2, 1, 0, 2])
+    assert text == "\u00e9A\ufffd"
+
+
+def test_byte_model_generates_valid_text():
+    symbols = sorted(set("h\u00e9llo w\u00f6rld \u20ac \U0001d11e\n".encode()))
+    model = byte_model(tuple(symbols), seed=3)
+    prompt = "h\u00e9"
+    for seed in range(3):
+        text = model.generate(prompt, length=200, temperature=1.5, seed=seed)
+        assert isinstance(text, str)
+        text.encode("utf-8")  # no lone surrogates: valid, printable str
+        prompt_ids = torch.as_tensor(model.vocab.encode(prompt).astype(np.int64))
+        steps = generate_ids(model.net, prompt_ids, 200, temperature=1.5, seed=seed)
+        assert text == model.vocab.decode([int(s[0]) for s in steps])
+    samples = model.generate_batch(3, prompt, length=100, temperature=1.5, seed=0)
+    assert len(samples) == 3 and all(isinstance(s, str) for s in samples)
+
+
+def test_byte_model_evaluates_text_and_files(tmp_path):
+    text = "h\u00e9llo w\u00f6rld \u20ac\n"
+    model = byte_model(tuple(sorted(set(text.encode()))), seed=1)
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    result = model.evaluate(text)
+    assert result.characters == len(text.encode()) - 1
+    assert model.evaluate_files([str(path)]) == result

@@ -1,0 +1,190 @@
+"""CharRNN: shapes, state handling, truncated backpropagation and parameter counts."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlstm.config import ModelConfig
+from charlstm.errors import CharLSTMError
+from charlstm.model import CharRNN, detach_state
+
+CELLS = ("lstm", "gru", "rnn")
+VOCAB = 11
+
+
+def tiny_net(cell: str = "lstm", *, n_layers: int = 2, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=n_layers, dropout=dropout)
+    return CharRNN(config, VOCAB)
+
+
+def random_ids(batch: int, steps: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_and_backward_shapes(cell):
+    net = tiny_net(cell, n_layers=3)
+    x = random_ids(4, 7)
+    logits, state = net(x)
+    assert logits.shape == (4, 7, VOCAB)
+    assert isinstance(state, tuple)
+    assert len(state) == (2 if cell == "lstm" else 1)
+    for s in state:
+        assert s.shape == (3, 4, 10)
+    loss = F.cross_entropy(logits.flatten(0, 1), random_ids(4, 7, seed=2).flatten())
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_accepts_its_own_state(cell):
+    net = tiny_net(cell)
+    _, state = net(random_ids(2, 5))
+    logits2, state2 = net(random_ids(2, 3), state)
+    assert logits2.shape == (2, 3, VOCAB)
+    assert [s.shape for s in state2] == [s.shape for s in state]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_layer_with_dropout(cell):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch warns about inter-layer dropout with one layer
+        net = tiny_net(cell, n_layers=1, dropout=0.5)
+    assert net.rnn.dropout == 0.0
+    assert net.drop.p == 0.5
+    x = random_ids(3, 9)
+    net.train()
+    torch.manual_seed(5)
+    a, _ = net(x)
+    b, _ = net(x)
+    assert not torch.equal(a, b), "dropout before the head is active in training mode"
+    a.sum().backward()
+    net.eval()
+    c, _ = net(x)
+    d, _ = net(x)
+    assert torch.equal(c, d)
+
+
+def test_inter_layer_dropout_is_passed_to_the_stack():
+    net = tiny_net("gru", n_layers=2, dropout=0.3)
+    assert net.rnn.dropout == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_initial_state_is_zeros_and_equals_no_state(cell):
+    net = tiny_net(cell)
+    state = net.initial_state(5)
+    assert len(state) == (2 if cell == "lstm" else 1)
+    for s in state:
+        assert s.shape == (2, 5, 10)
+        assert s.dtype == torch.float32
+        assert torch.count_nonzero(s) == 0
+    net.eval()
+    x = random_ids(5, 4)
+    with_zeros, _ = net(x, state)
+    without, _ = net(x)
+    assert torch.equal(with_zeros, without)
+    net.double()
+    assert all(s.dtype == torch.float64 for s in net.initial_state(1))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("split", [1, 6, 12])
+def test_carried_state_continues_the_sequence_exactly(cell, split):
+    net = tiny_net(cell, dropout=0.4).eval()
+    x = random_ids(3, 13)
+    whole, whole_state = net(x)
+    first, state = net(x[:, :split])
+    second, end_state = net(x[:, split:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=0, atol=1e-6)
+    for a, b in zip(end_state, whole_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_step_by_step_equals_one_pass():
+    net = tiny_net("lstm").eval()
+    x = random_ids(2, 10)
+    whole, _ = net(x)
+    state, steps = None, []
+    for t in range(x.shape[1]):
+        logits, state = net(x[:, t : t + 1], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-6)
+
+
+def test_a_different_state_changes_the_output():
+    net = tiny_net("lstm").eval()
+    x = random_ids(2, 4)
+    _, warm = net(random_ids(2, 6, seed=9))
+    cold, _ = net(x)
+    hot, _ = net(x, warm)
+    assert not torch.allclose(cold, hot)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_detach_state_stops_gradients_into_the_previous_batch(cell):
+    net = tiny_net(cell)
+    start = tuple(s.clone().requires_grad_(True) for s in net.initial_state(2))
+    x1, x2 = random_ids(2, 5, seed=3), random_ids(2, 5, seed=4)
+
+    _, state = net(x1, start)
+    carried = detach_state(state)
+    assert all(not s.requires_grad for s in carried)
+    assert all(torch.equal(a, b) for a, b in zip(carried, state, strict=True))
+    logits, _ = net(x2, carried)
+    logits.sum().backward()
+    assert all(s.grad is None for s in start)
+    assert all(p.grad is not None for p in net.parameters())
+
+    net.zero_grad()
+    _, state = net(x1, start)
+    logits, _ = net(x2, state)  # not detached: batch 2's loss reaches back through batch 1
+    logits.sum().backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in start)
+
+
+def _hand_count(cell: str, vocab: int, embed: int, hidden: int, layers: int) -> int:
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    count = vocab * embed  # embedding
+    for layer in range(layers):
+        width_in = embed if layer == 0 else hidden
+        count += gates * hidden * width_in  # input weights
+        count += gates * hidden * hidden  # recurrent weights
+        count += 2 * gates * hidden  # two bias vectors
+    return count + hidden * vocab + vocab  # output head
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_num_parameters_matches_a_hand_count(cell):
+    net = tiny_net(cell, n_layers=2)
+    assert net.num_parameters() == _hand_count(cell, VOCAB, 6, 10, 2)
+    # LSTM, 5 symbols, embed 3, hidden 4, one layer: 15 + 16*3 + 16*4 + 32 + 20 + 5 = 184.
+    small = CharRNN(ModelConfig(cell="lstm", embed_dim=3, hidden_dim=4, n_layers=1), 5)
+    assert small.num_parameters() == 184
+
+
+def test_num_parameters_counts_only_trainable():
+    net = tiny_net("rnn")
+    total = net.num_parameters()
+    net.embed.weight.requires_grad_(False)
+    assert net.num_parameters() == total - VOCAB * 6
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"cell": "transformer"}, {"hidden_dim": 0}, {"n_layers": 0}, {"dropout": 1.0}],
+)
+def test_invalid_shapes_are_refused(changes):
+    config = ModelConfig(embed_dim=4, hidden_dim=4, n_layers=1)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    with pytest.raises(CharLSTMError):
+        CharRNN(config, VOCAB)

@@ -1,0 +1,335 @@
+"""Sampling: the probability filter, drawing ids, and the generation loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from charlstm.config import ModelConfig
+from charlstm.model import CharRNN
+from charlstm.sample import filter_probs, generate_ids, next_ids
+
+VOCAB = 9
+
+finite_logits = st.lists(
+    st.floats(-8, 8, allow_nan=False, allow_infinity=False), min_size=2, max_size=24
+)
+
+
+def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN:
+    torch.manual_seed(seed)
+    config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=16, n_layers=2, dropout=dropout)
+    net = CharRNN(config, VOCAB)
+    # Sharpen the untrained head a little so that greedy choices are far from ties.
+    with torch.no_grad():
+        net.head.weight.mul_(4)
+    return net
+
+
+def random_logits(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+PROMPT = torch.tensor([1, 4, 2, 7, 3])
+
+
+def greedy_loop(net: CharRNN, prompt: torch.Tensor, length: int) -> list[int]:
+    """The obvious greedy decoder: argmax, feed it back, carry the state."""
+    net.eval()
+    out = []
+    with torch.no_grad():
+        logits, state = net(prompt.view(1, -1))
+        for _ in range(length):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            logits, state = net(torch.tensor([[nxt]]), state)
+    return out
+
+
+def collect(steps) -> torch.Tensor:
+    """generate_ids' per-step tensors as (num_samples, length)."""
+    return torch.stack(list(steps), dim=1)
+
+
+# ---- filter_probs -----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=finite_logits,
+    temperature=st.floats(0.05, 5),
+    top_k=st.integers(0, 30),
+    top_p=st.floats(0.01, 1.0),
+)
+def test_filter_probs_is_a_distribution(logits, temperature, top_k, top_p):
+    probs = filter_probs(torch.tensor([logits, logits[::-1]]), temperature, top_k, top_p)
+    assert probs.shape == (2, len(logits))
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2), rtol=0, atol=1e-5)
+    assert ((probs > 0).sum(-1) >= 1).all()
+    if top_k:
+        assert ((probs > 0).sum(-1) <= top_k).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_top_k_keeps_exactly_k(k):
+    logits = random_logits(4, 12, seed=k)
+    probs = filter_probs(logits, 1.0, k, 1.0)
+    assert ((probs > 0).sum(-1) == k).all()
+    kept = probs > 0
+    expected = torch.zeros_like(kept).scatter(-1, logits.topk(k, dim=-1).indices, True)
+    assert torch.equal(kept, expected)
+    # The survivors keep their relative odds: they are the softmax restricted to the top k.
+    restricted = torch.softmax(logits.masked_fill(~expected, -math.inf), dim=-1)
+    torch.testing.assert_close(probs, restricted, rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=finite_logits, top_p=st.floats(0.01, 0.999))
+def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, top_p):
+    reference = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=-1)
+    ordered = reference.sort(descending=True).values
+    before = ordered.cumsum(0) - ordered  # mass of the likelier symbols
+    # Stay away from cases where float rounding decides whether a symbol reaches p.
+    assume(((before - top_p).abs() > 1e-5).all())
+    expected_count = int((before < top_p).sum())  # the prefix that first reaches top_p
+
+    probs = filter_probs(torch.tensor([logits]), 1.0, 0, top_p)[0].double()
+    kept = probs > 0
+    assert 1 <= int(kept.sum()) == expected_count
+    assert reference[kept].sum() >= top_p - 1e-6
+    # Minimal: without its least likely member the kept set falls short of p.
+    assert reference[kept].sum() - reference[kept].min() < top_p + 1e-6
+    # The likeliest ones: nothing dropped is likelier than anything kept.
+    if not kept.all():
+        assert reference[~kept].max() <= reference[kept].min() + 1e-6
+    # Renormalised survivors in their original proportions.
+    torch.testing.assert_close(
+        probs[kept], reference[kept] / reference[kept].sum(), atol=1e-5, rtol=0
+    )
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_p_tiny_keeps_only_the_likeliest():
+    logits = random_logits(5, 10, seed=3)
+    probs = filter_probs(logits, 1.0, 0, 1e-6)
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+    assert ((probs > 0).sum(-1) == 1).all()
+    assert torch.equal(probs.max(-1).values, torch.ones(5))
+
+
+def test_top_p_example():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert (filter_probs(logits, 1.0, 0, 0.5)[0] > 0).tolist() == [True, False, False, False]
+    assert (filter_probs(logits, 1.0, 0, 0.6)[0] > 0).tolist() == [True, True, False, False]
+    kept = filter_probs(logits, 1.0, 0, 0.85)[0]
+    assert (kept > 0).tolist() == [True, True, True, False]
+    torch.testing.assert_close(kept[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95)
+
+
+def test_top_p_applies_after_top_k():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # Top-2 renormalises to (4/7, 3/7); p=0.5 is then reached by the first symbol alone.
+    probs = filter_probs(logits, 1.0, 2, 0.5)
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_no_op_settings_return_the_plain_softmax():
+    logits = random_logits(3, 15, seed=7)
+    plain = torch.softmax(logits, dim=-1)
+    assert torch.equal(filter_probs(logits, 1.0, 0, 1.0), plain)
+    assert torch.equal(filter_probs(logits, 1.0, 15, 1.0), plain)
+    assert torch.equal(filter_probs(logits, 1.0, 99, 1.0), plain)
+    assert (filter_probs(logits, 1.0, 0, 1.0) > 0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.25, 0.8, 1.0, 3.0])
+def test_temperature_scales_the_logits(temperature):
+    logits = random_logits(2, 10, seed=11)
+    probs = filter_probs(logits, temperature, 0, 1.0)
+    torch.testing.assert_close(probs, torch.softmax(logits / temperature, dim=-1))
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = random_logits(1, 10, seed=12)
+
+    def entropy(t: float) -> float:
+        p = filter_probs(logits, t, 0, 1.0)
+        return float(-(p * p.clamp_min(1e-30).log()).sum())
+
+    assert entropy(0.1) < entropy(0.5) < entropy(1.0) < entropy(2.0) < entropy(100.0)
+    assert entropy(100.0) == pytest.approx(math.log(10), abs=0.01)
+    assert filter_probs(logits, 0.01, 0, 1.0).max() > 0.999
+
+
+def test_filter_probs_accepts_half_precision_logits():
+    logits = random_logits(2, 6).to(torch.bfloat16)
+    probs = filter_probs(logits, 1.0, 3, 0.9)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
+# ---- next_ids ---------------------------------------------------------------------------
+
+
+def test_temperature_zero_is_argmax():
+    logits = random_logits(50, 13, seed=1)
+    ids = next_ids(logits, 0.0, 0, 1.0, None)
+    assert torch.equal(ids, logits.argmax(-1))
+    # top_k / top_p do not matter to greedy choice
+    assert torch.equal(next_ids(logits, 0, 5, 0.3, None), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0])
+def test_top_k_one_is_greedy(temperature):
+    logits = random_logits(50, 13, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    ids = next_ids(logits, temperature, 1, 1.0, generator)
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_next_ids_draws_from_the_filtered_distribution():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(40_000, -1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(next_ids(logits, 1.0, 0, 1.0, generator), minlength=4) / 40_000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01, rtol=0)
+    counts = torch.bincount(next_ids(logits, 1.0, 2, 1.0, generator), minlength=4) / 40_000
+    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0, 0]), atol=0.01, rtol=0)
+    counts = torch.bincount(next_ids(logits, 1.0, 0, 0.9, generator), minlength=4) / 40_000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.01, rtol=0)
+
+
+def test_next_ids_is_reproducible_with_a_generator():
+    logits = random_logits(30, 9, seed=4)
+    a = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
+    b = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
+    c = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---- generate_ids -----------------------------------------------------------------------
+
+
+def test_generate_yields_length_steps_of_num_samples_ids():
+    net = tiny_net()
+    steps = list(generate_ids(net, PROMPT, 17, num_samples=3, seed=0))
+    assert len(steps) == 17
+    for ids in steps:
+        assert ids.shape == (3,)
+        assert ids.dtype == torch.long
+        assert ((ids >= 0) & (ids < VOCAB)).all()
+    assert list(generate_ids(net, PROMPT, 0, seed=0)) == []
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_fixed_seed_reproduces_and_other_seeds_differ(cell):
+    net = tiny_net(cell)
+    settings_ = {"num_samples": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    a = collect(generate_ids(net, PROMPT, 60, seed=123, **settings_))
+    b = collect(generate_ids(net, PROMPT, 60, seed=123, **settings_))
+    c = collect(generate_ids(net, PROMPT, 60, seed=124, **settings_))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_no_seed_gives_fresh_samples():
+    net = tiny_net()
+    a = collect(generate_ids(net, PROMPT, 60, temperature=1.0))
+    b = collect(generate_ids(net, PROMPT, 60, temperature=1.0))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_top_k_one_and_temperature_zero_equal_a_greedy_loop(cell):
+    net = tiny_net(cell, dropout=0.5)
+    net.train()  # generation must switch dropout off by itself, and restore the mode
+    expected = greedy_loop(net, PROMPT, 40)
+    net.train()
+    top1 = collect(generate_ids(net, PROMPT, 40, temperature=1.0, top_k=1, seed=3))
+    assert net.training
+    zero = collect(generate_ids(net, PROMPT, 40, temperature=0.0, seed=4))
+    assert top1[0].tolist() == expected
+    assert zero[0].tolist() == expected
+    batch = collect(generate_ids(net, PROMPT, 40, temperature=0.0, num_samples=3))
+    assert all(row == expected for row in batch.tolist())
+
+
+def test_eval_mode_is_kept_after_generation():
+    net = tiny_net().eval()
+    list(generate_ids(net, PROMPT, 3, seed=0))
+    assert not net.training
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_prompt_is_read_in_one_pass_then_one_step_per_character(num_samples):
+    net = tiny_net()
+    calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def hook(module, args, output):
+        calls.append((tuple(args[0].shape), len(args) > 1 and args[1] is not None))
+
+    handle = net.register_forward_hook(hook)
+    try:
+        length = 25
+        steps = generate_ids(net, PROMPT, length, num_samples=num_samples, seed=0)
+        assert calls == []  # nothing runs before the first id is asked for
+        first = next(steps)
+        assert calls == [((num_samples, len(PROMPT)), False)]
+        assert first.shape == (num_samples,)
+        rest = list(steps)
+    finally:
+        handle.remove()
+    assert len(rest) == length - 1
+    assert len(calls) == 1 + (length - 1)
+    assert calls[0] == ((num_samples, len(PROMPT)), False)
+    assert all(call == ((num_samples, 1), True) for call in calls[1:])
+
+
+def test_each_step_feeds_back_the_id_it_yielded():
+    net = tiny_net()
+    fed: list[torch.Tensor] = []
+    handle = net.register_forward_hook(lambda m, args, out: fed.append(args[0].clone()))
+    try:
+        out = collect(generate_ids(net, PROMPT, 12, num_samples=2, temperature=1.0, seed=8))
+    finally:
+        handle.remove()
+    assert torch.equal(fed[0], PROMPT.expand(2, -1))
+    assert torch.equal(torch.cat(fed[1:], dim=1), out[:, :-1])
+
+
+def test_samples_in_a_batch_are_independent():
+    net = tiny_net()
+    rows = collect(generate_ids(net, PROMPT, 30, num_samples=16, temperature=1.0, seed=1))
+    assert rows.shape == (16, 30)
+    assert len({tuple(r) for r in rows.tolist()}) == 16
+    # The first ids of many samples follow the prompt's next-symbol distribution.
+    n = 20_000
+    first = next(generate_ids(net, PROMPT, 1, num_samples=n, temperature=1.0, seed=2))
+    with torch.no_grad():
+        expected = torch.softmax(net.eval()(PROMPT.view(1, -1))[0][0, -1], dim=-1)
+    freq = torch.bincount(first, minlength=VOCAB) / n
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_batched_greedy_rows_do_not_leak_into_each_other():
+    """Each row continues its own prompt: a batch equals separate single-sample runs."""
+    net = tiny_net(seed=1)  # its greedy continuations of these prompts differ
+    prompts = [PROMPT, torch.tensor([0, 0, 8, 8, 5]), torch.tensor([6, 2, 2, 1, 0])]
+    singles = [collect(generate_ids(net, p, 20, temperature=0))[0] for p in prompts]
+    assert len({tuple(s.tolist()) for s in singles}) >= 2
+    for prompt, single in zip(prompts, singles, strict=True):
+        batch = collect(generate_ids(net, prompt, 20, num_samples=4, temperature=0))
+        assert all(torch.equal(row, single) for row in batch)
+
+
+def test_prompt_may_be_any_integer_dtype():
+    net = tiny_net()
+    a = collect(generate_ids(net, PROMPT.to(torch.uint8), 10, temperature=0))
+    b = collect(generate_ids(net, PROMPT, 10, temperature=0))
+    assert torch.equal(a, b)
