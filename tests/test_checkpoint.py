@@ -277,6 +277,7 @@ def test_leftover_temporary_directory_is_harmless(tmp_path):
     assert same_weights(weights_of(run), old.state_dict())
     _, _, new = save(run / "last", seed=2)  # the next save still works
     assert same_weights(weights_of(run), new.state_dict())
+    assert not tmp.exists(), "the next save removes what a killed writer left behind"
 
 
 def test_crash_between_the_two_renames_with_a_temporary_left(tmp_path):
@@ -480,6 +481,9 @@ def test_config_json_of_another_program(tmp_path):
         (lambda d: d.pop("vocab"), "vocab"),
         (lambda d: d["vocab"].update(symbols="ba"), "sorted"),
         (lambda d: d.update(config=[1]), "malformed"),
+        (lambda d: d.pop("format_version"), "format_version None"),
+        (lambda d: d.update(format_version="1"), "format_version '1'"),
+        (lambda d: d.update(format_version=0), "format_version 0"),
     ],
 )
 def test_malformed_config_entries(tmp_path, edit, words):

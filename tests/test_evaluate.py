@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import charlstm
 from charlstm.config import ModelConfig
+from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult, evaluate_ids
 from charlstm.model import CharRNN
 
@@ -178,9 +179,13 @@ def test_training_mode_is_restored_and_dropout_ignored():
 
 def test_too_short_to_score():
     net = tiny_net()
-    assert evaluate_ids(net, [markov_ids(1)]).characters == 0
-    assert math.isnan(evaluate_ids(net, [markov_ids(1)]).loss)
-    assert math.isnan(evaluate_ids(net, []).loss)
+    for blocks in ([markov_ids(1)], []):
+        with pytest.raises(CharLSTMError, match="needs at least 2 characters"):
+            evaluate_ids(net, blocks)
+
+
+def test_perplexity_of_a_huge_loss_is_infinite_not_an_overflow():
+    assert EvalResult(loss=800.0, characters=10).perplexity == math.inf
 
 
 def test_eval_result_units():

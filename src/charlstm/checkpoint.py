@@ -76,7 +76,8 @@ def write_checkpoint(
         **info,
         "versions": _versions(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    _remove_stale_temporaries(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent))
     try:
         _write_file(tmp / WEIGHTS_FILE, _tensor_bytes(weights))
         if resume_tensors is not None:
@@ -99,6 +100,16 @@ def write_checkpoint(
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(directory: Path) -> str:
+    return f".{directory.name}.tmp-"
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    # Left by a writer killed mid-write; never a complete checkpoint, so safe to delete.
+    for stale in directory.parent.glob(_tmp_prefix(directory) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def recover_checkpoint(directory: Path) -> None:
@@ -140,7 +151,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if document.get("format") != FORMAT:
         raise CharLSTMError(f"{directory / CONFIG_FILE} is not a charlstm checkpoint configuration")
     version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CharLSTMError(
+            f"{directory / CONFIG_FILE} is malformed: format_version {version!r} is not a "
+            "positive integer"
+        )
+    if version > FORMAT_VERSION:
         raise CharLSTMError(
             f"{directory} uses checkpoint format {version}, newer than this charlstm reads "
             f"({FORMAT_VERSION}): upgrade charlstm"

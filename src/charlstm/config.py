@@ -53,7 +53,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for shapes that cannot build a network."""
-        _require(self.cell in CELLS, f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        _check_choices(self)
         for name in ("embed_dim", "hidden_dim", "n_layers"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
@@ -140,10 +140,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings no training run can use."""
+        _check_choices(self)
         for name in ("batch_size", "seq_len", "eval_every", "log_every", "max_bad_steps"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(self.lr > 0, "--lr must be greater than 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "AdamW betas must be in [0, 1)")
+        _require(0 <= self.beta1 < 1, "--beta1 must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "--beta2 must be in [0, 1)")
         _require(self.weight_decay >= 0, "--weight-decay must not be negative")
         _require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
         _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
@@ -187,6 +189,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise CharLSTMError("a configuration must be a table of sections")
+        known = [section.name for section in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        _require(
+            not unknown,
+            f"unknown config section(s) {', '.join(map(repr, unknown))}; valid: {', '.join(known)}",
+        )
         sections = {}
         for section in dataclasses.fields(cls):
             raw = values.get(section.name, {})
@@ -233,7 +243,7 @@ class SampleConfig:
         _require(self.top_k >= 0, f"--top-k must be 0 (off) or positive, got {self.top_k}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
-        _require(self.unknown in UNKNOWN_POLICIES, f"--unknown must be one of {UNKNOWN_POLICIES}")
+        _check_choices(self)
 
 
 # Which section of RunConfig owns each flat setting name (names are unique across sections).
@@ -255,6 +265,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CharLSTMError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise CharLSTMError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise CharLSTMError(f"config file {path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
@@ -268,6 +280,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise CharLSTMError(
                 f"{path}: unknown setting {key!r}; valid settings: {_valid_names()}"
             )
+    if isinstance(flat.get("time_budget"), (int, float)) and not isinstance(
+        flat["time_budget"], bool
+    ):
+        flat["time_budget"] = str(flat["time_budget"])  # `time-budget = 90` means 90 seconds
     if isinstance(flat.get("data"), str):
         flat["data"] = [flat["data"]]
     if isinstance(flat.get("val_data"), str):
@@ -311,6 +327,17 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         elif kind in (int, str, bool) and type(value) is kind:
             return value
     raise CharLSTMError(f"setting {_flag(name)[2:]} = {value!r} has the wrong type")
+
+
+def _check_choices(config: Any) -> None:
+    """Every field declared with ``choices`` must hold one (config files bypass argparse)."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        _require(
+            choices is None or value in choices,
+            f"{_flag(f.name)} must be one of {', '.join(choices or ())}, not {value!r}",
+        )
 
 
 def _require(condition: bool, message: str) -> None:

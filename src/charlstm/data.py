@@ -27,6 +27,8 @@ _BLOCK_BYTES = 1 << 24
 _MAX_CODEPOINT = 0x10FFFF
 # Corpora larger than this are encoded once into a cache file and memory-mapped afterwards.
 _MMAP_THRESHOLD_BYTES = 64 << 20
+# Part of every encoded-cache name: bump it when the encoding of a corpus changes meaning.
+_CACHE_FORMAT = "charlstm-encoded-v1"
 _NEWLINE = 10
 _NO_SUCH_CODEC = "charlstm-no-such-codec"
 
@@ -377,8 +379,8 @@ def _encode_into(out: np.ndarray, group: Sources, vocab: Vocab) -> np.ndarray:
 
 
 def _cache_path(group: Sources, vocab: Vocab) -> Path:
-    """A cache name keyed on the files' paths, sizes and modification times, and the vocabulary."""
-    key = hashlib.sha256(group.encoding.encode())
+    """A cache name keyed on the format, the files' paths, sizes and times, and the vocabulary."""
+    key = hashlib.sha256(f"{_CACHE_FORMAT}\0{group.encoding}\0".encode())
     for p in group.paths:
         stat = p.stat()
         key.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())

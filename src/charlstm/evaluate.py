@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from charlstm.errors import CharLSTMError
 from charlstm.model import CharRNN
 
 _BLOCK = 1 << 20  # characters scored per block when streaming a long text
+_MAX_EXP = math.log(1.7e308)  # math.exp overflows beyond this
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        """exp(loss): the effective number of equally likely next characters."""
-        return math.exp(self.loss)
+        """exp(loss): the effective number of equally likely next characters (inf past ~709)."""
+        return math.exp(self.loss) if self.loss < _MAX_EXP else math.inf
 
     def as_dict(self) -> dict[str, float]:
         """Loss, bpc, perplexity and count, for logs and JSON output."""
@@ -57,7 +59,10 @@ def evaluate_ids(
     prime: int = 256,
     chunk: int = 256,
 ) -> EvalResult:
-    """Score every symbol of the concatenated ``blocks`` after the first one."""
+    """Score every symbol of the concatenated ``blocks`` after the first one.
+
+    Raises CharLSTMError when there is nothing to score (fewer than two symbols).
+    """
     was_training = net.training
     net.eval()
     total, count = 0.0, 0
@@ -69,7 +74,9 @@ def evaluate_ids(
             context = np.concatenate([context, block])[-(prime + 1) :]
     finally:
         net.train(was_training)
-    return EvalResult(total / count if count else float("nan"), count)
+    if count == 0:
+        raise CharLSTMError("the text to evaluate needs at least 2 characters")
+    return EvalResult(total / count, count)
 
 
 def _score(

@@ -41,6 +41,8 @@ from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
 
 METRICS_FILE = "metrics.jsonl"
+# What a run directory may hold before its first last/ checkpoint (best/ is written just before).
+PRE_CHECKPOINT_FILES = frozenset({METRICS_FILE, "best"})
 # Settings a resumed run may change: they steer when to stop and what to log, not what is learnt.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "max_epochs", "time_budget", "eval_every", "log_every", "device", "out",
@@ -83,10 +85,10 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         )
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
+    trainer = _Trainer(config, corpus, net, device, run_dir, progress, started)
     if resume_from is None:
         # Only now, with every input checked, may an --overwrite'd old run be removed.
-        _create_run_dir(run_dir, overwrite=config.train.overwrite)
-    trainer = _Trainer(config, corpus, net, device, run_dir, progress, started)
+        _create_run_dir(run_dir, replace=config.train.overwrite or config.train.resume == "auto")
     if saved is not None and resume_from is not None:
         trainer.restore(resume_from, saved.weights)
     with _stop_signals(trainer):
@@ -165,6 +167,8 @@ class _Trainer:
         with bar, self._open_metrics() as metrics:
             while not self._should_stop():
                 loss = self._train_step()
+                if loss is None:
+                    continue  # a skipped non-finite step: nothing learnt, nothing to log
                 # Kept on self (and in resume state) so a resumed run logs the same averages.
                 self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
                 bar.update(1)
@@ -206,7 +210,8 @@ class _Trainer:
         except OSError as e:
             raise CharLSTMError(f"cannot write {self.run_dir / METRICS_FILE}: {e}") from None
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> float | None:
+        """One optimizer step; returns its loss, or None if the step was skipped as non-finite."""
         batch = self.batcher.next_batch()
         if batch.reset_state or self.state is None:
             self.state = self.net.initial_state(self.tc.batch_size)
@@ -233,18 +238,19 @@ class _Trainer:
         self.step += 1
         return value
 
-    def _skip_bad_step(self, value: float) -> float:
+    def _skip_bad_step(self, value: float) -> None:
         # Applying a non-finite update would poison every weight: drop it and keep the old state.
         self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
         if self.bad_steps >= self.tc.max_bad_steps:
+            hint = f"try a lower --lr (now {self.tc.lr:g})"
+            if self.autocast is not None:
+                hint += " or --precision fp32"
             raise CharLSTMError(
                 f"the loss was not finite ({value}) for {self.bad_steps} steps in a row at step "
-                f"{self.step + 1}; try a lower --lr (now {self.tc.lr:g}) or --precision fp32"
+                f"{self.step + 1}; {hint}"
             )
-        self.step += 1
-        return float("nan")
 
     def _lr(self) -> float:
         """Linear warm-up, then cosine decay over the run's progress (or constant)."""
@@ -290,10 +296,10 @@ class _Trainer:
     def _evaluate_and_save(self, metrics, bar) -> None:
         began = time.monotonic()
         result = evaluate_ids(self.net, [self.corpus.val])
-        if not math.isfinite(result.loss):
+        if not math.isfinite(result.perplexity):
             raise CharLSTMError(
-                f"the validation loss is not finite at step {self.step}; the model diverged, so "
-                f"it is not saved: try a lower --lr (now {self.tc.lr:g})"
+                f"the validation loss is {result.loss:g} at step {self.step}; the model "
+                f"diverged, so it is not saved: try a lower --lr (now {self.tc.lr:g})"
             )
         improved = self.best_val is None or result.loss < self.best_val
         if improved:
@@ -474,6 +480,8 @@ def _new_run_dir(config: RunConfig) -> Path:
     run_dir = Path(tc.out).expanduser() if tc.out else _default_run_dir(config)
     if run_dir.exists() and not run_dir.is_dir():
         raise CharLSTMError(f"--out {run_dir} is a file, not a directory")
+    if tc.resume == "auto" and _holds_no_checkpoint(run_dir):
+        return run_dir  # a run that stopped before its first checkpoint simply starts again
     if run_dir.exists() and any(run_dir.iterdir()) and not tc.overwrite:
         raise CharLSTMError(
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it "
@@ -482,8 +490,17 @@ def _new_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def _create_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if overwrite and run_dir.exists():
+def _holds_no_checkpoint(run_dir: Path) -> bool:
+    """True if ``run_dir`` is absent or holds only what a run writes before its first ``last/``."""
+    if not run_dir.is_dir():
+        return True
+    return all(
+        entry.name in PRE_CHECKPOINT_FILES or ".tmp-" in entry.name for entry in run_dir.iterdir()
+    )
+
+
+def _create_run_dir(run_dir: Path, replace: bool) -> None:
+    if replace and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
