@@ -300,11 +300,36 @@ ERROR_CASES = [
     ("top-p-0", ["sample", "{run}", "--top-p", "0"], r"--top-p must be in \(0, 1\], got 0"),
     ("top-p-1.5", ["sample", "{run}", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1\.5"),
     ("top-k", ["sample", "{run}", "--top-k", "-1"], r"--top-k must be 0 \(off\) or positive"),
-    ("length", ["sample", "{run}", "--length", "-1"], r"--length must not be negative, got -1"),
+    ("length", ["sample", "{run}", "--length", "-1"], r"--length must be at least 1, got -1"),
+    ("length-0", ["sample", "{run}", "--length", "0"], r"--length must be at least 1, got 0"),
     ("num-samples", ["sample", "{run}", "--num-samples", "0"],
      r"--num-samples must be at least 1, got 0"),
     ("hidden-dim", ["train", "--data", "{corpus}", "--out", "{out}", "--hidden-dim", "-3"],
      r"--hidden-dim must be at least 1"),
+    ("embed-dim", ["train", "--data", "{corpus}", "--out", "{out}", "--embed-dim", "0"],
+     r"--embed-dim must be at least 1"),
+    ("n-layers", ["train", "--data", "{corpus}", "--out", "{out}", "--n-layers", "0"],
+     r"--n-layers must be at least 1"),
+    ("seq-len", ["train", "--data", "{corpus}", "--out", "{out}", "--seq-len", "-5"],
+     r"--seq-len must be at least 1"),
+    ("dropout-negative", ["train", "--data", "{corpus}", "--out", "{out}", "--dropout", "-0.1"],
+     r"--dropout must be in \[0, 1\)"),
+    ("lr-negative", ["train", "--data", "{corpus}", "--out", "{out}", "--lr=-0.001"],
+     r"--lr must be greater than 0"),
+    ("one-character", ["train", "--data", "{monotone}", "--out", "{out}"],
+     r"has only one distinct character, 'a': there is nothing to predict"),
+    ("shorter-than-a-batch", ["train", "--data", "{short}", "--out", "{out}"],
+     r"the training text has [\d,]+ characters but one batch of 8 x 32 needs at least 257: "
+     r"use more text or a smaller --batch-size or --seq-len"),
+    ("binary-in-directory", ["train", "--data", "{mixed}", "--out", "{out}"],
+     r"{mixed}/b\.bin: invalid UTF-8 at byte 0$"),
+    ("truncated-checkpoint", ["sample", "{truncated}"],
+     r"{truncated}/best/model\.safetensors is not a valid safetensors file"),
+    ("pickled-checkpoint", ["sample", "{pickled}"],
+     r"{pickled}/best/model\.safetensors is a pickle \(torch\.save\) file, not safetensors; "
+     r"charlstm never unpickles files"),
+    ("foreign-checkpoint", ["eval", "{foreign}", "--data", "{corpus}"],
+     r"{foreign}/best/config\.json is not a charlstm checkpoint configuration"),
     ("dropout", ["train", "--data", "{corpus}", "--out", "{out}", "--dropout", "1.0"],
      r"--dropout must be in \[0, 1\)"),
     ("batch-size", ["train", "--data", "{corpus}", "--out", "{out}", "--batch-size", "0"],
@@ -336,6 +361,17 @@ def error_results(trained_run, shakespeare_200k, session_data_dir, tmp_path_fact
     bad.write_bytes(("héllo wörld\n" * 100).encode("utf-8") + b"\xff" + b"more text\n")
     (tmp / "empty.txt").write_bytes(b"")
     (tmp / "notrun").mkdir()
+    (tmp / "monotone.txt").write_text("a" * 5000)
+    (tmp / "short.txt").write_text("To be, or not to be.\n" * 11)
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "a.txt").write_text("plain text\n" * 100)
+    (tmp / "mixed" / "b.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    damaged = {name: shutil.copytree(trained_run, tmp / name) for name in
+               ("truncated", "pickled", "foreign")}  # fmt: skip
+    weights = damaged["truncated"] / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (damaged["pickled"] / "best" / "model.safetensors").write_bytes(b"\x80\x04K\x01.")
+    (damaged["foreign"] / "best" / "config.json").write_text('{"architectures": ["GPT2"]}')
     paths = {
         "tmp": tmp,
         "bad": bad,
@@ -345,6 +381,10 @@ def error_results(trained_run, shakespeare_200k, session_data_dir, tmp_path_fact
         "corpus": shakespeare_200k,
         "existing": shutil.copytree(trained_run, tmp / "existing"),
         "notrun": tmp / "notrun",
+        "monotone": tmp / "monotone.txt",
+        "short": tmp / "short.txt",
+        "mixed": tmp / "mixed",
+        **damaged,
     }
     commands = []
     for _, args, _ in ERROR_CASES:

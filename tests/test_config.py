@@ -346,7 +346,8 @@ def test_validate_boundaries_are_accepted():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"length": -1}, "--length must not be negative, got -1"),
+        ({"length": -1}, "--length must be at least 1, got -1"),
+        ({"length": 0}, "--length must be at least 1, got 0"),
         ({"temperature": -0.5}, "--temperature must be 0 (greedy) or positive, got -0.5"),
         ({"temperature": float("inf")}, "--temperature must be 0 (greedy) or positive, got inf"),
         ({"temperature": float("nan")}, "--temperature must be 0 (greedy) or positive, got nan"),
@@ -362,7 +363,7 @@ def test_sample_config_validate_errors(settings, message):
 
 
 def test_sample_config_boundaries_are_accepted():
-    SampleConfig(length=0, temperature=0.0, top_k=0, top_p=1.0, num_samples=1).validate()
+    SampleConfig(length=1, temperature=0.0, top_k=0, top_p=1.0, num_samples=1).validate()
     SampleConfig(top_p=1e-9, top_k=1, unknown="replace").validate()
 
 

@@ -63,13 +63,18 @@ def cycling_byte_model() -> CharLM:
 # ---- generation -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [0, 1, 37])
+@pytest.mark.parametrize("length", [1, 37])
 def test_generate_returns_the_requested_length(length):
     model = text_model()
     text = model.generate("To be", length=length, seed=1)
     assert isinstance(text, str)
     assert len(text) == length
     assert set(text) <= set(ALPHABET)
+
+
+def test_generate_refuses_length_zero():
+    with pytest.raises(CharLSTMError, match="--length must be at least 1, got 0"):
+        text_model().generate("To be", length=0)
 
 
 def test_generate_with_a_trained_model(trained_run):

@@ -4,10 +4,12 @@
 stream exactly where the previous batch stopped, so the carried hidden state has seen all of
 the stream's past although gradients stop after T steps::
 
-    training ids, rotated by a fresh random offset each epoch, cut into B streams of L pairs
+    training ids, rotated by a fresh random offset each epoch, cut into B streams of L or L+1
+    (input, target) pairs, so that every pair is served exactly once per epoch
     stream 0: |--batch 0--|--batch 1--|--batch 2--| ... |-last-|
     stream 1: |--batch 0--|--batch 1--|--batch 2--| ... |-last-|
-    ...         T chars      T chars                      L mod T
+    ...         T chars      T chars                      the rest
+    a stream one pair shorter than the others has its final target set to IGNORE
 
 ``random`` draws B independent windows of T characters at random positions and resets the
 state for every batch (the classic char-rnn / seed loop).
@@ -23,10 +25,15 @@ import numpy as np
 
 from charlstm.errors import CharLSTMError
 
+IGNORE = -100  # the target of a padding position: cross_entropy's default ignore_index
+
 
 @dataclass
 class Batch:
-    """Inputs and next-character targets, both (B, T) int64, and whether to zero the state."""
+    """Inputs and next-character targets, both (B, T) int64, and whether to zero the state.
+
+    A target equal to ``IGNORE`` marks padding that must not count towards the loss.
+    """
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -40,8 +47,13 @@ class StatefulBatcher:
         _check_length(ids, batch_size, seq_len)
         self.ids, self.batch_size, self.seq_len, self.seed = ids, batch_size, seq_len, seed
         self.pairs = len(ids) - 1  # (input, target) pairs: position i predicts i + 1
-        self.stream_len = self.pairs // batch_size
-        self.steps_per_epoch = -(-self.stream_len // seq_len)
+        # The first `longer` streams hold one pair more, so the streams tile every pair once.
+        self.stream_len, longer = divmod(self.pairs, batch_size)
+        streams = np.arange(batch_size)
+        self.stream_starts = streams * self.stream_len + np.minimum(streams, longer)
+        self.stream_ends = self.stream_starts + self.stream_len + (streams < longer)
+        self.longest = self.stream_len + int(longer > 0)
+        self.steps_per_epoch = -(-self.longest // seq_len)
         self.epoch = 0
         self.index = 0  # batch index within the epoch
 
@@ -50,13 +62,14 @@ class StatefulBatcher:
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.seq_len
-        length = min(self.seq_len, self.stream_len - start)
+        length = min(self.seq_len, self.longest - start)
         offset = _epoch_offset(self.seed, self.epoch, self.pairs)
-        streams = np.arange(self.batch_size)[:, None] * self.stream_len
-        pair = (offset + streams + start + np.arange(length)[None, :]) % self.pairs
-        batch = Batch(
-            self.ids[pair].astype(np.int64), self.ids[pair + 1].astype(np.int64), self.index == 0
-        )
+        unrotated = self.stream_starts[:, None] + start + np.arange(length)[None, :]
+        padding = unrotated >= self.stream_ends[:, None]
+        pair = (offset + unrotated) % self.pairs
+        targets = self.ids[pair + 1].astype(np.int64)
+        targets[padding] = IGNORE
+        batch = Batch(self.ids[pair].astype(np.int64), targets, self.index == 0)
         self.index += 1
         return batch
 

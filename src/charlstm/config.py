@@ -235,7 +235,7 @@ class SampleConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for out-of-range sampling parameters."""
-        _require(self.length >= 0, f"--length must not be negative, got {self.length}")
+        _require(self.length >= 1, f"--length must be at least 1, got {self.length}")
         _require(
             math.isfinite(self.temperature) and self.temperature >= 0,
             f"--temperature must be 0 (greedy) or positive, got {self.temperature}",

@@ -405,8 +405,14 @@ class _Trainer:
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             record["epoch"] = round(self.batcher.epochs_done, 6)
         # One write per whole line, flushed, so a crash leaves whole lines only.
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        try:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        except OSError as e:
+            raise CharLSTMError(
+                f"cannot write {self.run_dir / METRICS_FILE}: {e.strerror or e} (the last "
+                "checkpoint is intact; free some space and resume)"
+            ) from None
 
     def _postfix(self, loss: float, speed: float) -> dict[str, str]:
         postfix = {"loss": f"{loss:.3f}", "chars/s": f"{speed:,.0f}"}
