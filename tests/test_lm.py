@@ -16,7 +16,7 @@ from charlstm.errors import CharLSTMError
 from charlstm.evaluate import evaluate_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
-from charlstm.sample import generate_ids
+from charlstm.sample import NumpyStepper, generate_ids
 
 ALPHABET = "\n !',.:;?" + string.ascii_letters
 
@@ -114,16 +114,20 @@ def test_stream_yields_one_character_per_step():
     assert "".join(pieces) == model.generate("It is", length=33, seed=5)
 
 
-def test_stream_is_lazy_and_incremental():
+def test_stream_is_lazy_and_incremental(monkeypatch):
     model = text_model()
     calls = []
-    handle = model.net.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.net.register_forward_hook(lambda *args: calls.append("prompt"))
+    step = NumpyStepper.__call__
+    monkeypatch.setattr(
+        NumpyStepper, "__call__", lambda self, ids: calls.append(1) or step(self, ids)
+    )
     try:
         stream = model.stream("abc", length=1000, seed=0)
         assert calls == []
         for _ in range(3):
             next(stream)
-        assert len(calls) == 3  # the prompt pass, then one step per further character
+        assert calls == ["prompt", 1, 1]  # the prompt pass, then one step per further character
         stream.close()
     finally:
         handle.remove()

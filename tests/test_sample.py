@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
-from charlstm.sample import filter_probs, generate_ids, next_ids
+from charlstm.sample import NumpyStepper, filter_probs, generate_ids, next_ids
 
 VOCAB = 9
 
@@ -30,8 +31,8 @@ def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN
     return net
 
 
-def random_logits(rows: int, width: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * 2
+def random_logits(rows: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, width)) * 2
 
 
 PROMPT = torch.tensor([1, 4, 2, 7, 3])
@@ -51,8 +52,8 @@ def greedy_loop(net: CharRNN, prompt: torch.Tensor, length: int) -> list[int]:
 
 
 def collect(steps) -> torch.Tensor:
-    """generate_ids' per-step tensors as (num_samples, length)."""
-    return torch.stack(list(steps), dim=1)
+    """generate_ids' per-step id arrays as a (num_samples, length) tensor."""
+    return torch.from_numpy(np.stack(list(steps), axis=1))
 
 
 # ---- filter_probs -----------------------------------------------------------------------
@@ -66,10 +67,10 @@ def collect(steps) -> torch.Tensor:
     top_p=st.floats(0.01, 1.0),
 )
 def test_filter_probs_is_a_distribution(logits, temperature, top_k, top_p):
-    probs = filter_probs(torch.tensor([logits, logits[::-1]]), temperature, top_k, top_p)
+    probs = filter_probs(np.array([logits, logits[::-1]]), temperature, top_k, top_p)
     assert probs.shape == (2, len(logits))
     assert (probs >= 0).all()
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=0, atol=1e-9)
     assert ((probs > 0).sum(-1) >= 1).all()
     if top_k:
         assert ((probs > 0).sum(-1) <= top_k).all()
@@ -81,11 +82,12 @@ def test_top_k_keeps_exactly_k(k):
     probs = filter_probs(logits, 1.0, k, 1.0)
     assert ((probs > 0).sum(-1) == k).all()
     kept = probs > 0
-    expected = torch.zeros_like(kept).scatter(-1, logits.topk(k, dim=-1).indices, True)
-    assert torch.equal(kept, expected)
+    expected = np.zeros_like(kept)
+    np.put_along_axis(expected, np.argsort(-logits, axis=-1)[:, :k], True, axis=-1)
+    assert np.array_equal(kept, expected)
     # The survivors keep their relative odds: they are the softmax restricted to the top k.
-    restricted = torch.softmax(logits.masked_fill(~expected, -math.inf), dim=-1)
-    torch.testing.assert_close(probs, restricted, rtol=1e-5, atol=1e-7)
+    restricted = torch.softmax(torch.from_numpy(np.where(expected, logits, -np.inf)), dim=-1)
+    np.testing.assert_allclose(probs, restricted.numpy(), rtol=1e-6, atol=1e-9)
 
 
 @settings(max_examples=100, deadline=None)
@@ -95,45 +97,44 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, top_p):
     ordered = reference.sort(descending=True).values
     before = ordered.cumsum(0) - ordered  # mass of the likelier symbols
     # Stay away from cases where float rounding decides whether a symbol reaches p.
-    assume(((before - top_p).abs() > 1e-5).all())
+    assume(((before - top_p).abs() > 1e-9).all())
     expected_count = int((before < top_p).sum())  # the prefix that first reaches top_p
 
-    probs = filter_probs(torch.tensor([logits]), 1.0, 0, top_p)[0].double()
+    probs = torch.from_numpy(filter_probs(np.array([logits]), 1.0, 0, top_p)[0])
     kept = probs > 0
     assert 1 <= int(kept.sum()) == expected_count
-    assert reference[kept].sum() >= top_p - 1e-6
+    assert reference[kept].sum() >= top_p - 1e-9
     # Minimal: without its least likely member the kept set falls short of p.
-    assert reference[kept].sum() - reference[kept].min() < top_p + 1e-6
+    assert reference[kept].sum() - reference[kept].min() < top_p + 1e-9
     # The likeliest ones: nothing dropped is likelier than anything kept.
     if not kept.all():
-        assert reference[~kept].max() <= reference[kept].min() + 1e-6
+        assert reference[~kept].max() <= reference[kept].min() + 1e-12
     # Renormalised survivors in their original proportions.
     torch.testing.assert_close(
-        probs[kept], reference[kept] / reference[kept].sum(), atol=1e-5, rtol=0
+        probs[kept], reference[kept] / reference[kept].sum(), atol=1e-9, rtol=0
     )
-    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_top_p_tiny_keeps_only_the_likeliest():
     logits = random_logits(5, 10, seed=3)
     probs = filter_probs(logits, 1.0, 0, 1e-6)
-    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+    assert np.array_equal(probs.argmax(-1), logits.argmax(-1))
     assert ((probs > 0).sum(-1) == 1).all()
-    assert torch.equal(probs.max(-1).values, torch.ones(5))
+    assert (probs.max(-1) == 1.0).all()
 
 
 def test_top_p_example():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logits = probs.log()
+    logits = np.log([[0.5, 0.3, 0.15, 0.05]])
     assert (filter_probs(logits, 1.0, 0, 0.5)[0] > 0).tolist() == [True, False, False, False]
     assert (filter_probs(logits, 1.0, 0, 0.6)[0] > 0).tolist() == [True, True, False, False]
     kept = filter_probs(logits, 1.0, 0, 0.85)[0]
     assert (kept > 0).tolist() == [True, True, True, False]
-    torch.testing.assert_close(kept[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95)
+    np.testing.assert_allclose(kept[:3], np.array([0.5, 0.3, 0.15]) / 0.95)
 
 
 def test_top_p_applies_after_top_k():
-    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    logits = np.log([[0.4, 0.3, 0.2, 0.1]])
     # Top-2 renormalises to (4/7, 3/7); p=0.5 is then reached by the first symbol alone.
     probs = filter_probs(logits, 1.0, 2, 0.5)
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
@@ -141,18 +142,17 @@ def test_top_p_applies_after_top_k():
 
 def test_no_op_settings_return_the_plain_softmax():
     logits = random_logits(3, 15, seed=7)
-    plain = torch.softmax(logits, dim=-1)
-    assert torch.equal(filter_probs(logits, 1.0, 0, 1.0), plain)
-    assert torch.equal(filter_probs(logits, 1.0, 15, 1.0), plain)
-    assert torch.equal(filter_probs(logits, 1.0, 99, 1.0), plain)
+    plain = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+    for top_k in (0, 15, 99):
+        np.testing.assert_allclose(filter_probs(logits, 1.0, top_k, 1.0), plain, rtol=1e-12)
     assert (filter_probs(logits, 1.0, 0, 1.0) > 0).all()
 
 
 @pytest.mark.parametrize("temperature", [0.25, 0.8, 1.0, 3.0])
 def test_temperature_scales_the_logits(temperature):
     logits = random_logits(2, 10, seed=11)
-    probs = filter_probs(logits, temperature, 0, 1.0)
-    torch.testing.assert_close(probs, torch.softmax(logits / temperature, dim=-1))
+    expected = torch.softmax(torch.from_numpy(logits).double() / temperature, dim=-1).numpy()
+    np.testing.assert_allclose(filter_probs(logits, temperature, 0, 1.0), expected, rtol=1e-12)
 
 
 def test_temperature_sharpens_and_flattens():
@@ -160,18 +160,19 @@ def test_temperature_sharpens_and_flattens():
 
     def entropy(t: float) -> float:
         p = filter_probs(logits, t, 0, 1.0)
-        return float(-(p * p.clamp_min(1e-30).log()).sum())
+        return float(-(p * np.log(np.maximum(p, 1e-300))).sum())
 
     assert entropy(0.1) < entropy(0.5) < entropy(1.0) < entropy(2.0) < entropy(100.0)
     assert entropy(100.0) == pytest.approx(math.log(10), abs=0.01)
     assert filter_probs(logits, 0.01, 0, 1.0).max() > 0.999
 
 
-def test_filter_probs_accepts_half_precision_logits():
-    logits = random_logits(2, 6).to(torch.bfloat16)
-    probs = filter_probs(logits, 1.0, 3, 0.9)
-    assert probs.dtype == torch.float32
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+def test_filter_probs_takes_float32_or_float64_and_returns_float64():
+    logits = random_logits(2, 6)
+    single = filter_probs(logits.astype(np.float32), 1.0, 3, 0.9)
+    assert single.dtype == np.float64
+    np.testing.assert_allclose(single.sum(-1), 1.0)
+    np.testing.assert_allclose(single, filter_probs(logits, 1.0, 3, 0.9), atol=1e-6)
 
 
 # ---- next_ids ---------------------------------------------------------------------------
@@ -180,37 +181,43 @@ def test_filter_probs_accepts_half_precision_logits():
 def test_temperature_zero_is_argmax():
     logits = random_logits(50, 13, seed=1)
     ids = next_ids(logits, 0.0, 0, 1.0, None)
-    assert torch.equal(ids, logits.argmax(-1))
+    assert np.array_equal(ids, logits.argmax(-1))
     # top_k / top_p do not matter to greedy choice
-    assert torch.equal(next_ids(logits, 0, 5, 0.3, None), logits.argmax(-1))
+    assert np.array_equal(next_ids(logits, 0, 5, 0.3, None), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0])
 def test_top_k_one_is_greedy(temperature):
     logits = random_logits(50, 13, seed=2)
-    generator = torch.Generator().manual_seed(0)
-    ids = next_ids(logits, temperature, 1, 1.0, generator)
-    assert torch.equal(ids, logits.argmax(-1))
+    ids = next_ids(logits, temperature, 1, 1.0, np.random.default_rng(0))
+    assert np.array_equal(ids, logits.argmax(-1))
 
 
 def test_next_ids_draws_from_the_filtered_distribution():
-    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(40_000, -1)
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.bincount(next_ids(logits, 1.0, 0, 1.0, generator), minlength=4) / 40_000
-    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01, rtol=0)
-    counts = torch.bincount(next_ids(logits, 1.0, 2, 1.0, generator), minlength=4) / 40_000
-    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0, 0]), atol=0.01, rtol=0)
-    counts = torch.bincount(next_ids(logits, 1.0, 0, 0.9, generator), minlength=4) / 40_000
-    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.01, rtol=0)
+    logits = np.log(np.tile([0.5, 0.3, 0.15, 0.05], (40_000, 1)))
+    rng = np.random.default_rng(0)
+
+    def frequencies(top_k: int, top_p: float) -> np.ndarray:
+        return np.bincount(next_ids(logits, 1.0, top_k, top_p, rng), minlength=4) / 40_000
+
+    np.testing.assert_allclose(frequencies(0, 1.0), [0.5, 0.3, 0.15, 0.05], atol=0.01)
+    np.testing.assert_allclose(frequencies(2, 1.0), [0.625, 0.375, 0, 0], atol=0.01)
+    np.testing.assert_allclose(frequencies(0, 0.9), np.array([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.01)
+
+
+def test_a_symbol_with_zero_probability_is_never_drawn():
+    logits = np.tile([0.0, -np.inf, 0.0, -np.inf], (10_000, 1))
+    ids = next_ids(logits, 1.0, 0, 1.0, np.random.default_rng(1))
+    assert set(ids.tolist()) == {0, 2}
 
 
 def test_next_ids_is_reproducible_with_a_generator():
     logits = random_logits(30, 9, seed=4)
-    a = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
-    b = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
-    c = next_ids(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(6))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    a = next_ids(logits, 1.0, 0, 1.0, np.random.default_rng(5))
+    b = next_ids(logits, 1.0, 0, 1.0, np.random.default_rng(5))
+    c = next_ids(logits, 1.0, 0, 1.0, np.random.default_rng(6))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 # ---- generate_ids -----------------------------------------------------------------------
@@ -222,7 +229,7 @@ def test_generate_yields_length_steps_of_num_samples_ids():
     assert len(steps) == 17
     for ids in steps:
         assert ids.shape == (3,)
-        assert ids.dtype == torch.long
+        assert ids.dtype == np.int64
         assert ((ids >= 0) & (ids < VOCAB)).all()
     assert list(generate_ids(net, PROMPT, 0, seed=0)) == []
 
@@ -277,7 +284,7 @@ def test_prompt_is_read_in_one_pass_then_one_step_per_character(num_samples):
     handle = net.register_forward_hook(hook)
     try:
         length = 25
-        steps = generate_ids(net, PROMPT, length, num_samples=num_samples, seed=0)
+        steps = generate_ids(net, PROMPT, length, num_samples=num_samples, seed=0, fast=False)
         assert calls == []  # nothing runs before the first id is asked for
         first = next(steps)
         assert calls == [((num_samples, len(PROMPT)), False)]
@@ -296,7 +303,9 @@ def test_each_step_feeds_back_the_id_it_yielded():
     fed: list[torch.Tensor] = []
     handle = net.register_forward_hook(lambda m, args, out: fed.append(args[0].clone()))
     try:
-        out = collect(generate_ids(net, PROMPT, 12, num_samples=2, temperature=1.0, seed=8))
+        out = collect(
+            generate_ids(net, PROMPT, 12, num_samples=2, temperature=1.0, seed=8, fast=False)
+        )
     finally:
         handle.remove()
     assert torch.equal(fed[0], PROMPT.expand(2, -1))
@@ -313,7 +322,7 @@ def test_samples_in_a_batch_are_independent():
     first = next(generate_ids(net, PROMPT, 1, num_samples=n, temperature=1.0, seed=2))
     with torch.no_grad():
         expected = torch.softmax(net.eval()(PROMPT.view(1, -1))[0][0, -1], dim=-1)
-    freq = torch.bincount(first, minlength=VOCAB) / n
+    freq = torch.bincount(torch.from_numpy(first), minlength=VOCAB) / n
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
@@ -333,3 +342,52 @@ def test_prompt_may_be_any_integer_dtype():
     a = collect(generate_ids(net, PROMPT.to(torch.uint8), 10, temperature=0))
     b = collect(generate_ids(net, PROMPT, 10, temperature=0))
     assert torch.equal(a, b)
+
+
+# ---- the fast CPU stepper -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+@pytest.mark.parametrize(
+    "settings_",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.7, "top_k": 4, "top_p": 0.8},
+        {"temperature": 0.0},
+    ],
+)
+def test_fast_stepper_draws_exactly_what_the_module_draws(cell, n_layers, settings_):
+    torch.manual_seed(n_layers)
+    config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=16, n_layers=n_layers, dropout=0.3)
+    net = CharRNN(config, VOCAB)
+    with torch.no_grad():
+        net.head.weight.mul_(3)
+    for num_samples in (1, 5):
+        fast = collect(generate_ids(net, PROMPT, 200, num_samples=num_samples, seed=9, **settings_))
+        reference = collect(
+            generate_ids(net, PROMPT, 200, num_samples=num_samples, seed=9, fast=False, **settings_)
+        )
+        assert torch.equal(fast, reference)
+
+
+def test_fast_stepper_logits_match_the_module():
+    net = tiny_net().eval()
+    with torch.no_grad():
+        _, state = net(PROMPT.view(1, -1).expand(3, -1))
+        stepper = NumpyStepper(net, state)
+        ids = torch.tensor([0, 4, 8])
+        expected, _ = net(ids.view(3, 1), state)
+        logits = torch.from_numpy(stepper(ids.numpy()))
+        torch.testing.assert_close(logits, expected[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_runs_the_module_only_for_the_prompt():
+    net = tiny_net()
+    calls = []
+    handle = net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        assert len(collect(generate_ids(net, PROMPT, 30, seed=0))[0]) == 30
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([1, len(PROMPT)])]

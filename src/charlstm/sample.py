@@ -1,53 +1,71 @@
-"""Sampling the next character: a pure filter over logits, and the generation loop."""
+"""Sampling the next character: a pure filter over logits, and the generation loop.
+
+After the prompt, generation advances one character per step. Calling the torch module for a
+single step costs over a millisecond on a CPU (dispatch and oneDNN set-up dwarf the arithmetic),
+so on a CPU the steps run through :class:`NumpyStepper`, the same recurrence written out in numpy
+with the weights pre-arranged. Filtering and drawing are numpy too, on at most a few thousand
+numbers per step, and shared by every path, so the fast path and the module path draw the same
+characters for the same seed.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-from charlstm.model import CharRNN
+from charlstm.model import CharRNN, State
 
 
-def filter_probs(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-) -> torch.Tensor:
+def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Next-symbol probabilities after temperature, top-k and top-p (nucleus) filtering.
 
-    logits: (N, V). Returns (N, V) probabilities that sum to 1 per row. ``top_k`` keeps the k
-    likeliest symbols (0 = all); ``top_p`` then keeps the smallest set of the likeliest symbols
-    whose probability reaches ``top_p`` (1 = all). The likeliest symbol always survives.
+    logits: (N, V). Returns (N, V) float64 probabilities that sum to 1 per row. ``top_k`` keeps
+    the k likeliest symbols (0 = all); ``top_p`` then keeps the smallest set of the likeliest
+    symbols whose probability reaches ``top_p`` (1 = all). The likeliest symbol always survives.
     ``temperature`` must be positive here; 0 (greedy) is handled by :func:`next_ids`.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if 0 < top_k < probs.shape[-1]:
-        kept = torch.zeros_like(probs, dtype=torch.bool)
-        kept.scatter_(-1, probs.topk(top_k, dim=-1).indices, True)
-        probs = probs.masked_fill(~kept, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    vocab = probs.shape[-1]
+    if not (0 < top_k < vocab or top_p < 1.0):
+        return probs
+    # Work in rank order (likeliest first, ties by id), then put the kept mass back in place.
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    if 0 < top_k < vocab:
+        ranked[:, top_k:] = 0.0
+        ranked /= ranked.sum(axis=-1, keepdims=True)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier symbols
-        keep_sorted = before < top_p  # true up to and including the symbol that reaches top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = probs.masked_fill(~keep, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        before = np.cumsum(ranked, axis=-1) - ranked  # mass of the likelier symbols
+        ranked[before >= top_p] = 0.0  # kept: up to and including the one that reaches top_p
+        ranked /= ranked.sum(axis=-1, keepdims=True)
+    filtered = np.empty_like(probs)
+    np.put_along_axis(filtered, order, ranked, axis=-1)
+    return filtered
 
 
 def next_ids(
-    logits: torch.Tensor,
+    logits: np.ndarray,
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Draw one id per row of logits (N, V); temperature 0 takes the likeliest."""
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """Draw one id per row of logits (N, V); temperature 0 takes the likeliest.
+
+    A draw inverts the cumulative distribution at one uniform number per row, so the same
+    generator state and the same logits always give the same ids.
+    """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return np.asarray(logits).argmax(axis=-1)
     probs = filter_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cumulative = np.cumsum(probs, axis=-1)
+    rng = rng if rng is not None else np.random.default_rng()
+    point = rng.random(len(probs))[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative <= point).sum(axis=-1), probs.shape[-1] - 1)
 
 
 @torch.inference_mode()
@@ -61,26 +79,118 @@ def generate_ids(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield ``length`` tensors of ``num_samples`` new ids each, one step at a time.
+    fast: bool = True,
+) -> Iterator[np.ndarray]:
+    """Yield ``length`` arrays of ``num_samples`` new ids (int64) each, one step at a time.
 
     The prompt (1-D ids) is read in one forward pass; after that each new character costs one
-    recurrent step with the state carried, never a re-run of the sequence.
+    recurrent step with the state carried, never a re-run of the sequence. ``fast`` steps a
+    CPU model through :class:`NumpyStepper`; ``fast=False`` calls the module every step (the
+    reference the fast path is tested against, and the path on GPUs).
     """
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+    rng = np.random.default_rng(seed)  # None: fresh entropy from the operating system
     try:
         inputs = prompt.to(device=device, dtype=torch.long).unsqueeze(0).expand(num_samples, -1)
         logits, state = net(inputs)
-        last = logits[:, -1]
+        stepper_class = NumpyStepper if fast and device.type == "cpu" else ModuleStepper
+        step = stepper_class(net, state)
+        last = _array(logits[:, -1])
         for position in range(length):
-            ids = next_ids(last, temperature, top_k, top_p, generator)
+            ids = next_ids(last, temperature, top_k, top_p, rng)
             yield ids
             if position + 1 < length:
-                logits, state = net(ids.unsqueeze(1), state)
-                last = logits[:, -1]
+                last = step(ids)
     finally:
         net.train(was_training)
+
+
+class ModuleStepper:
+    """One step by calling the module with the carried state; works on any device."""
+
+    def __init__(self, net: CharRNN, state: State) -> None:
+        self.net, self.state = net, state
+        self.device = next(net.parameters()).device
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """(N,) ids in, (N, V) float32 logits of the next character out."""
+        x = torch.from_numpy(ids).to(self.device).unsqueeze(1)
+        logits, self.state = self.net(x, self.state)
+        return _array(logits[:, -1])
+
+
+class NumpyStepper:
+    """A CPU CharRNN advanced one character at a time in numpy, from its weights.
+
+    Layer 0's input is folded into a lookup table (embedding times input weights plus biases),
+    and the LSTM gates are reordered so one sigmoid covers three of them; a step is then a
+    matrix product per layer input and per recurrence, a few element-wise calls and the head.
+    """
+
+    def __init__(self, net: CharRNN, state: State) -> None:
+        config, rnn = net.config, net.rnn
+        self.cell, self.hidden = config.cell, config.hidden_dim
+        self.state = [_array(s).copy() for s in state]  # (n_layers, N, H): h, and c for LSTM
+        self.layers = []
+        for layer in range(config.n_layers):
+            w_ih, w_hh, b_ih, b_hh = (
+                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, self.hidden)
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
+            if self.cell != "gru":  # only the GRU scales part of b_hh by a gate: keep it apart
+                b_ih, b_hh = b_ih + b_hh, np.zeros_like(b_hh)
+            w_in = w_ih.T
+            if layer == 0:  # one row per input id
+                w_in, b_ih = _array(net.embed.weight) @ w_ih.T + b_ih, np.zeros_like(b_ih)
+            self.layers.append(tuple(np.ascontiguousarray(a) for a in (w_in, b_ih, w_hh.T, b_hh)))
+        self.head_weight = np.ascontiguousarray(_array(net.head.weight).T)
+        self.head_bias = _array(net.head.bias)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """(N,) ids in, (N, V) float32 logits of the next character out."""
+        x = ids
+        for layer, (w_in, b_in, w_hh, b_hh) in enumerate(self.layers):
+            inputs = w_in[x] if layer == 0 else x @ w_in + b_in
+            h = self.state[0][layer]
+            recurrent = h @ w_hh + b_hh
+            if self.cell == "lstm":
+                x = self._lstm(layer, inputs + recurrent)
+            elif self.cell == "gru":
+                x = _gru(inputs, recurrent, h, self.hidden)
+            else:
+                x = np.tanh(inputs + recurrent)
+            self.state[0][layer] = x
+        return x @ self.head_weight + self.head_bias
+
+    def _lstm(self, layer: int, gates: np.ndarray) -> np.ndarray:
+        size = self.hidden
+        ifo = _sigmoid(gates[:, : 3 * size])  # input, forget, output (see _gate_order)
+        candidate = np.tanh(gates[:, 3 * size :])
+        c = ifo[:, size : 2 * size] * self.state[1][layer] + ifo[:, :size] * candidate
+        self.state[1][layer] = c
+        return ifo[:, 2 * size :] * np.tanh(c)
+
+
+def _gate_order(weights: np.ndarray, cell: str, size: int) -> np.ndarray:
+    """PyTorch stacks LSTM gates as input, forget, cell, output; put the three sigmoids first."""
+    if cell != "lstm":
+        return weights
+    i, f, g, o = (weights[k * size : (k + 1) * size] for k in range(4))
+    return np.concatenate([i, f, o, g])
+
+
+def _gru(inputs: np.ndarray, recurrent: np.ndarray, h: np.ndarray, size: int) -> np.ndarray:
+    # PyTorch's GRU: reset and update gates, then a candidate whose recurrent part r scales.
+    r_z = _sigmoid(inputs[:, : 2 * size] + recurrent[:, : 2 * size])
+    n = np.tanh(inputs[:, 2 * size :] + r_z[:, :size] * recurrent[:, 2 * size :])
+    return n + r_z[:, size:] * (h - n)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * x)  # the same function, without exp's overflow warnings
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()

@@ -34,7 +34,7 @@ from charlstm.checkpoint import (
 )
 from charlstm.config import RunConfig, TrainConfig
 from charlstm.data import Corpus, load_corpus
-from charlstm.device import autocast_dtype, resolve_device
+from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult, evaluate_ids
 from charlstm.lm import CharLM
@@ -77,6 +77,8 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         if changed:
             print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
     device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     corpus = load_corpus(config.data, vocab=saved.vocab if saved else None)
     if saved is not None and saved.info.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
         raise CharLSTMError(

@@ -1,0 +1,64 @@
+"""Device choice, autocast precision, and the CPU allocator setting."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from charlstm.device import autocast_dtype, resolve_device
+from charlstm.errors import CharLSTMError
+
+# Page faults while allocating and freeing a 32 MB buffer 20 times, before and after
+# keep_freed_memory(): by default glibc unmaps the buffer on free, so each allocation faults in
+# all 8,192 of its pages again; afterwards the freed memory is reused.
+COUNT_FAULTS = """
+import resource, torch
+from charlstm.device import keep_freed_memory
+
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(8 << 20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+before = faults()
+keep_freed_memory()
+faults()  # the first allocation after the change still faults its pages in once
+print(before, faults())
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_keep_freed_memory_stops_page_faults_on_every_allocation():
+    out = subprocess.run([sys.executable, "-c", COUNT_FAULTS], capture_output=True, text=True)
+    before, after = map(int, out.stdout.split())
+    assert before > 20 * 8000  # every round faulted its pages in
+    assert after < before / 20
+
+
+def test_cpu_and_auto_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(CharLSTMError, match="--device cuda was asked for but PyTorch sees no"):
+        resolve_device("cuda")
+
+
+def test_precision_choices_on_cpu():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None
+    with pytest.raises(CharLSTMError, match="--precision fp16 needs a CUDA device"):
+        autocast_dtype(cpu, "fp16")
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
