@@ -7,6 +7,7 @@ limit, writing ``metrics.jsonl``, ``best/`` and ``last/`` as it goes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from charlstm.batching import make_batcher
+from charlstm.batching import IGNORE, make_batcher
 from charlstm.checkpoint import (
     read_checkpoint,
     read_resume_state,
@@ -39,6 +40,7 @@ from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult, evaluate_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
+from charlstm.shards import Shards, shard_count
 
 METRICS_FILE = "metrics.jsonl"
 # What a run directory may hold before its first last/ checkpoint (best/ is written just before).
@@ -93,8 +95,11 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         _create_run_dir(run_dir, replace=config.train.overwrite or config.train.resume == "auto")
     if saved is not None and resume_from is not None:
         trainer.restore(resume_from, saved.weights)
-    with _stop_signals(trainer):
-        return trainer.run()
+    try:
+        with _stop_signals(trainer):
+            return trainer.run()
+    finally:
+        trainer.shards.close()
 
 
 @contextlib.contextmanager
@@ -134,6 +139,8 @@ class _Trainer:
         self.corpus, self.net, self.device, self.run_dir = corpus, net, device, run_dir
         self.progress, self.started = progress, started
         self.optimizer = _make_optimizer(net, self.tc)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.shards = Shards(shard_count(device, self.tc.batch_size, config.model.dropout))
         self.autocast = autocast_dtype(device, self.tc.precision)
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
@@ -219,11 +226,12 @@ class _Trainer:
             self.state = self.net.initial_state(self.tc.batch_size)
         x = torch.from_numpy(batch.inputs).to(self.device, non_blocking=True)
         y = torch.from_numpy(batch.targets).to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            logits, new_state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        self.scaler.scale(loss).backward()
+        # The mean over the whole batch's scored targets, whichever shard each one is in.
+        scored = max(int((batch.targets != IGNORE).sum()), 1)
+        step = functools.partial(self._forward_backward, weight=1.0 / scored)
+        loss, grads, new_state = self.shards.run(step, x, y, self.state)
+        for parameter, grad in zip(self.params, grads, strict=True):
+            parameter.grad = grad
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(
             self.net.parameters(), self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
@@ -236,9 +244,20 @@ class _Trainer:
             group["lr"] = self._lr()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.state = detach_state(new_state)
+        self.state = new_state
         self.step += 1
         return value
+
+    def _forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
+        """Loss (weighted sum over this shard), its gradients and the new state, for one shard."""
+        with self._autocast():  # autocast is per thread: enter it in the shard's own
+            logits, new_state = self.net(x, state)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        loss = losses * weight
+        grads = torch.autograd.grad(self.scaler.scale(loss), self.params)
+        return loss.detach(), list(grads), detach_state(new_state)
 
     def _skip_bad_step(self, value: float) -> None:
         # Applying a non-finite update would poison every weight: drop it and keep the old state.
