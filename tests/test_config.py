@@ -8,6 +8,7 @@ import json
 import pytest
 
 from charlstm.config import (
+    PRESETS,
     SECTION_OF,
     DataConfig,
     ModelConfig,
@@ -431,3 +432,29 @@ def test_every_field_has_help():
     for cls in (ModelConfig, DataConfig, TrainConfig, SampleConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+# --- presets ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_applies_its_settings_and_flags_win(name):
+    config = RunConfig().with_overrides({"preset": name})
+    flat = {**dataclasses.asdict(config.model), **dataclasses.asdict(config.data),
+            **dataclasses.asdict(config.train)}  # fmt: skip
+    assert flat["preset"] == name
+    assert {key: flat[key] for key in PRESETS[name]} == PRESETS[name]
+    assert config.train.budget_seconds() == parse_duration(name)
+    mine = RunConfig().with_overrides({"preset": name, "time-budget": "7s", "seed": 5})
+    assert (mine.train.time_budget, mine.train.seed) == ("7s", 5)
+
+
+def test_the_defaults_are_the_5m_preset():
+    assert RunConfig().with_overrides({"preset": "5m"}).with_overrides({"preset": None}) == (
+        RunConfig().with_overrides({"time_budget": "5m"})
+    )
+
+
+def test_unknown_preset_is_refused():
+    config = RunConfig().with_overrides({"preset": "2h"})
+    assert error_of(config.validate) == "--preset must be one of 1m, 5m, 20m, not '2h'"

@@ -156,7 +156,7 @@ def test_an_existing_run_directory_is_refused_and_overwrite_replaces_it(shakespe
     config = tiny_config(shakespeare_200k, out, max_steps=5, overwrite=True)
     result = charlstm.train(config, progress=False)
     assert result.steps == 5
-    assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl"]
     assert [r["step"] for r in read_metrics(out)] == [5]  # the one final evaluation
 
 

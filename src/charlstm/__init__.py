@@ -7,17 +7,23 @@ Python API::
     model = charlstm.load("runs/shakespeare-.../best")     # or a run directory
     print(model.generate("ROMEO:", length=200, temperature=0.8))
     print(charlstm.evaluate(model, "To be, or not to be").bpc)
+    charlstm.plot_runs(["runs/a", "runs/b"], "curves.png")  # loss curves, overlaid
+    table = charlstm.compare(config, cells=("rnn", "gru", "lstm"), time_budget="10m").table()
+    found = charlstm.inspect(model, text)  # units correlated with properties of the text
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from charlstm.compare import CellResult, Comparison, compare
 from charlstm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult
+from charlstm.interpret import Inspection, inspect
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
+from charlstm.plot import plot_runs
 from charlstm.train import TrainResult, train
 
 
@@ -32,18 +38,24 @@ def evaluate(model: CharLM, text: str, unknown: str = "error") -> EvalResult:
 
 
 __all__ = [
+    "CellResult",
     "CharLM",
     "CharLSTMError",
     "CharRNN",
+    "Comparison",
     "DataConfig",
     "EvalResult",
+    "Inspection",
     "ModelConfig",
     "RunConfig",
     "SampleConfig",
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "compare",
     "evaluate",
+    "inspect",
     "load",
+    "plot_runs",
     "train",
 ]

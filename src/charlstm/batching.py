@@ -39,6 +39,10 @@ class Batch:
     targets: np.ndarray
     reset_state: bool
 
+    def rows(self, rows: slice) -> Batch:
+        """Only the streams (rows) ``rows``: one process's share of a global batch."""
+        return Batch(self.inputs[rows], self.targets[rows], self.reset_state)
+
 
 class StatefulBatcher:
     """B contiguous streams over the training ids; the state is carried between batches."""

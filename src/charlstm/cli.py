@@ -1,4 +1,4 @@
-"""The ``charlstm`` command: train, sample and eval.
+"""The ``charlstm`` command: train, sample, eval, plot, compare and inspect.
 
 Flags are generated from the configuration dataclasses, so the CLI, config files and
 checkpoints cannot drift apart. This is the only module that turns errors into exit codes.
@@ -16,10 +16,14 @@ import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from charlstm import distributed
 from charlstm.checkpoint import read_checkpoint
-from charlstm.config import RunConfig, SampleConfig, load_config_file
+from charlstm.compare import DEFAULT_BUDGET, DEFAULT_CELLS, compare
+from charlstm.config import CELLS, UNKNOWN_POLICIES, RunConfig, SampleConfig, load_config_file
 from charlstm.errors import CharLSTMError, TrainingInterrupted
+from charlstm.interpret import DEFAULT_MAX_CHARS, inspect, read_text_file
 from charlstm.lm import CharLM
+from charlstm.plot import CURVES_FILE, plot_runs
 from charlstm.train import find_resume_checkpoint, train
 
 EXIT_USAGE = 2
@@ -29,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``error:`` line like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        # Under torchrun, rank 0 speaks for every process.
+        distributed.report(f"error: {message} (see '{self.prog} --help')")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -37,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser, flags generated from the config dataclasses."""
     parser = _Parser(
         prog="charlstm",
-        description="Character-level LSTM / GRU / RNN language models: train, sample, eval.",
+        description="Character-level LSTM / GRU / RNN language models: train, sample, eval, "
+        "plot, compare, inspect.",
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_flag(eval_cmd)
 
-    for sub in (train_cmd, sample_cmd, eval_cmd):
+    analysis_cmds = _add_analysis_commands(commands)  # plot, compare, inspect
+    for sub in (train_cmd, sample_cmd, eval_cmd, *analysis_cmds):
         sub.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -88,19 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        code = {"train": _train, "sample": _sample, "eval": _eval}[args.command](args)
+        handlers = {"train": _train, "sample": _sample, "eval": _eval}
+        handlers.update(plot=_plot, compare=_compare, inspect=_inspect)
+        code = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe must show up here, not in Python's flush at exit
+        distributed.shutdown()  # leave the torchrun process group, if this process joined one
         return code
     except CharLSTMError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every process fails (non-zero) but only rank 0 prints the line.
+        distributed.report(f"error: {e}")
         return EXIT_USAGE
     except TrainingInterrupted as e:
-        print(f"{e}; continue with: charlstm train --resume {e.run_dir}", file=sys.stderr)
+        under = " (in the same torchrun command)" if distributed.launched() else ""
+        distributed.report(f"{e}; continue with: charlstm train --resume {e.run_dir}{under}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except BrokenPipeError:  # e.g. `charlstm sample ... | head`
         # Python flushes stdout again at exit; point it at /dev/null so that cannot fail too.
@@ -109,16 +121,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    world = distributed.world()  # joins the process group when started by torchrun
     overrides = load_config_file(args.config) if args.config else {}
     overrides.update(_given(args, RunConfig))
     base = RunConfig().with_overrides(overrides)
-    resume_from = find_resume_checkpoint(base.train)
+    with world.failures():
+        # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
+        resume_from = world.main_first(find_resume_checkpoint, base.train)
     if resume_from is not None:
         # A resumed run keeps its saved settings; only the flags given now change them.
         base = read_checkpoint(resume_from).config.with_overrides(overrides)
     result = train(base, progress=True)
     length = base.train.sample_length
-    if length:
+    if length and result.model is not None:  # under torchrun, rank 0 alone samples
         print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
         # From a newline, or its stand-in when the training text had none (a one-line file).
         _write_stream(result.model.stream("\n", length, unknown="replace"))
@@ -162,6 +177,136 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plot, compare, inspect -----------------------------------------------------------------
+
+# Train flags that compare sets itself (cell), replaces (time-budget: its own default) or has
+# no use for (no sample is printed).
+_COMPARE_SKIPS = frozenset({"cell", "time_budget", "sample_length"})
+
+
+def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
+    """The plot, compare and inspect subcommands."""
+    plot_cmd = commands.add_parser(
+        "plot",
+        help="draw runs' loss curves into a PNG",
+        description="Draw training and validation bits per character against steps and wall "
+        "time, several runs overlaid.",
+    )
+    plot_cmd.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot_cmd.add_argument(
+        "--out", default=CURVES_FILE, help=f"PNG file to write (default: {CURVES_FILE})"
+    )
+    plot_cmd.add_argument("--labels", nargs="+", help="legend names, one per run directory")
+    plot_cmd.add_argument("--title", help="title above the plot")
+
+    compare_cmd = commands.add_parser(
+        "compare",
+        help="train rnn, gru and lstm with equal settings and budget; table and plot them",
+        description="Train each cell with the same settings and wall-clock budget into "
+        "OUT/<cell>/, then print a table and write OUT/compare.png, compare.md, compare.json.",
+    )
+    compare_cmd.add_argument(
+        "--cells",
+        nargs="+",
+        choices=CELLS,
+        default=list(DEFAULT_CELLS),
+        help=f"cells to train, in this order (default: {' '.join(DEFAULT_CELLS)})",
+    )
+    compare_cmd.add_argument(
+        "--time-budget",
+        dest="time_budget",
+        default=argparse.SUPPRESS,
+        help=f"wall-clock budget of each cell, evaluation included (default: {DEFAULT_BUDGET}, "
+        "or the --preset's)",
+    )
+    for section in dataclasses.fields(RunConfig):
+        group = compare_cmd.add_argument_group(f"{section.name} settings, the same for every cell")
+        _add_dataclass_flags(group, section.default_factory, _COMPARE_SKIPS)  # type: ignore[arg-type]
+    compare_cmd.add_argument(
+        "--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)"
+    )
+
+    inspect_cmd = commands.add_parser(
+        "inspect",
+        help="find interpretable units: correlate activations with properties of a text",
+        description="Run a model over a text, record every layer's hidden (and LSTM cell) "
+        "activations, print the units most correlated with simple properties of the text, and "
+        "write an HTML page and a PNG of the text coloured by those units.",
+    )
+    inspect_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
+    inspect_cmd.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to read")
+    inspect_cmd.add_argument(
+        "--max-chars",
+        type=int,
+        default=DEFAULT_MAX_CHARS,
+        help=f"read only the first N characters (default: {DEFAULT_MAX_CHARS})",
+    )
+    inspect_cmd.add_argument(
+        "--top", type=int, default=3, help="units to list and show per property (default: 3)"
+    )
+    inspect_cmd.add_argument(
+        "--units", nargs="+", default=[], metavar="UNIT",
+        help="also show these units, named like c2:17 (layer 2's cell state, unit 17) or h1:5",
+    )  # fmt: skip
+    inspect_cmd.add_argument(
+        "--show", type=int, default=1000, help="characters shown in the HTML (default: 1000)"
+    )
+    inspect_cmd.add_argument(
+        "--html", default="inspect.html", help="HTML page to write (default: inspect.html)"
+    )
+    inspect_cmd.add_argument(
+        "--png", default="inspect.png", help="PNG picture to write (default: inspect.png)"
+    )
+    inspect_cmd.add_argument(
+        "--unknown",
+        choices=UNKNOWN_POLICIES,
+        default="error",
+        help="characters outside the model's vocabulary: error, skip or replace them",
+    )
+    _add_device_flag(inspect_cmd)
+    return [plot_cmd, compare_cmd, inspect_cmd]
+
+
+def _plot(args: argparse.Namespace) -> int:
+    out = plot_runs(args.run_dirs, args.out, labels=args.labels, title=args.title)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    overrides = load_config_file(args.config) if args.config else {}
+    overrides.update(_given(args, RunConfig))
+    base = RunConfig().with_overrides(overrides)
+    # compare's own default budget, unless a budget was asked for (a preset brings its own).
+    given = "time_budget" in overrides or "preset" in overrides
+    result = compare(base, cells=args.cells, time_budget=None if given else DEFAULT_BUDGET)
+    if result.rows:  # under torchrun, rank 0 alone reports
+        print(result.table())
+        print(f"wrote {result.plot} and the table in {result.out}", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    for flag, value in (("--max-chars", args.max_chars), ("--top", args.top),
+                        ("--show", args.show)):  # fmt: skip
+        if value < 1:
+            raise CharLSTMError(f"{flag} must be at least 1, got {value}")
+    text = read_text_file(args.text)
+    result = inspect(
+        args.checkpoint, text, max_chars=args.max_chars, unknown=args.unknown, device=args.device
+    )
+    html = result.write_html(args.html, k=args.top, units=args.units, show=args.show)
+    png = result.write_png(args.png, units=args.units)
+    print(result.report(args.top))
+    print(f"wrote {html} and {png}", file=sys.stderr)
+    return 0
+
+
+def _say(line: str) -> None:
+    if distributed.is_main_process():
+        print(line, file=sys.stderr)
+
+
 def _write_stream(pieces: typing.Iterable[str]) -> None:
     for piece in pieces:
         sys.stdout.write(piece)
@@ -176,9 +321,11 @@ def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
-def _add_dataclass_flags(parser: Any, cls: type) -> None:
+def _add_dataclass_flags(parser: Any, cls: type, skip: frozenset[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if callable(f.default_factory) else f.default
         kind = hints[f.name]

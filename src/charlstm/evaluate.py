@@ -63,24 +63,55 @@ def evaluate_ids(
 
     Raises CharLSTMError when there is nothing to score (fewer than two symbols).
     """
+    total, count = score_ids(net, blocks, segments=segments, prime=prime, chunk=chunk)
+    return eval_result(total, count)
+
+
+@torch.no_grad()
+def score_ids(
+    net: CharRNN,
+    blocks: Iterable[np.ndarray],
+    *,
+    part: tuple[int, int] = (0, 1),
+    segments: int = 64,
+    prime: int = 256,
+    chunk: int = 256,
+) -> tuple[float, int]:
+    """Summed loss (nats) and number of the symbols :func:`evaluate_ids` scores.
+
+    ``part=(k, n)`` scores only the k-th of n contiguous shares of the segments, so n
+    processes can split one evaluation and add their sums: together they score exactly what
+    one process scores, segment for segment.
+    """
     was_training = net.training
     net.eval()
     total, count = 0.0, 0
     context = np.empty(0, dtype=np.int64)
     try:
         for block in _rechunk(blocks):
-            nats, scored = _score(net, context, block, segments, prime, chunk)
+            nats, scored = _score(net, context, block, segments, prime, chunk, part)
             total, count = total + nats, count + scored
             context = np.concatenate([context, block])[-(prime + 1) :]
     finally:
         net.train(was_training)
+    return total, count
+
+
+def eval_result(total: float, count: int) -> EvalResult:
+    """The mean loss of ``count`` scored symbols summing to ``total`` nats."""
     if count == 0:
         raise CharLSTMError("the text to evaluate needs at least 2 characters")
     return EvalResult(total / count, count)
 
 
 def _score(
-    net: CharRNN, context: np.ndarray, ids: np.ndarray, segments: int, prime: int, chunk: int
+    net: CharRNN,
+    context: np.ndarray,
+    ids: np.ndarray,
+    segments: int,
+    prime: int,
+    chunk: int,
+    part: tuple[int, int] = (0, 1),
 ) -> tuple[float, int]:
     """Sum of losses of every position of ``ids`` given ``context`` and the ids before it."""
     full = np.concatenate([context, ids]).astype(np.int64)
@@ -90,6 +121,10 @@ def _score(
     n_segments = max(1, min(segments, (len(full) - first) // (4 * max(prime, 1))))
     bounds = np.linspace(first, len(full), n_segments + 1).astype(np.int64)
     rows = [(max(0, a - 1 - prime), a, b) for a, b in itertools.pairwise(bounds)]
+    share, shares = part  # this process's contiguous share of the segments
+    rows = rows[len(rows) * share // shares : len(rows) * (share + 1) // shares]
+    if not rows:
+        return 0.0, 0
     width = max(b - 1 - start for start, _, b in rows)
     inputs = np.zeros((len(rows), width), dtype=np.int64)
     targets = np.zeros_like(inputs)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from charlstm import distributed
 from charlstm.batching import IGNORE, make_batcher
 from charlstm.checkpoint import (
     read_checkpoint,
@@ -36,19 +37,20 @@ from charlstm.checkpoint import (
 from charlstm.config import RunConfig, TrainConfig
 from charlstm.data import Corpus, load_corpus
 from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device
+from charlstm.distributed import World
 from charlstm.errors import CharLSTMError, TrainingInterrupted
-from charlstm.evaluate import EvalResult, evaluate_ids
+from charlstm.evaluate import EvalResult, eval_result, score_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
+from charlstm.plot import CURVES_FILE, METRICS_FILE, write_curves
 from charlstm.shards import Shards, shard_count
 
-METRICS_FILE = "metrics.jsonl"
-# What a run directory may hold before its first last/ checkpoint (best/ is written just before).
-PRE_CHECKPOINT_FILES = frozenset({METRICS_FILE, "best"})
+# What a run directory may hold before its first last/ checkpoint (best/ and the curves come first).
+PRE_CHECKPOINT_FILES = frozenset({METRICS_FILE, CURVES_FILE, "best"})
 # Settings a resumed run may change: they steer when to stop and what to log, not what is learnt.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "max_epochs", "time_budget", "eval_every", "log_every", "device", "out",
-     "resume", "overwrite", "sample_length", "max_bad_steps"}
+     "resume", "overwrite", "sample_length", "max_bad_steps", "preset"}
 )  # fmt: skip
 
 
@@ -59,8 +61,8 @@ class TrainResult:
     run_dir: Path
     steps: int
     elapsed: float  # seconds, over all sessions of the run
-    best_val: EvalResult | None
-    model: CharLM = field(repr=False)
+    best_val: EvalResult | None  # None on torchrun ranks other than 0
+    model: CharLM | None = field(repr=False)  # the best checkpoint; None on ranks other than 0
 
 
 def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
@@ -68,20 +70,37 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
 
     SIGINT (Ctrl-C) and SIGTERM let the current step finish, save ``last/`` and raise
     :class:`~charlstm.errors.TrainingInterrupted`; a second Ctrl-C stops at once.
+
+    Under torchrun every process calls this and together they train one model with
+    DistributedDataParallel (see :mod:`charlstm.distributed`); only rank 0 prints, logs and
+    writes checkpoints, and only its result holds the model and the best validation loss.
     """
     started = time.monotonic()
     config.validate()
-    resume_from = find_resume_checkpoint(config.train)
-    run_dir = resume_from.parent if resume_from else _new_run_dir(config)
+    world = distributed.world()  # a single process unless started by torchrun
+    with world.failures():
+        return _train(config, progress, started, world)
+
+
+def _train(config: RunConfig, progress: bool, started: float, world: World) -> TrainResult:
+    world.check_batch(config.train.batch_size)
+    # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
+    resume_from = world.main_first(find_resume_checkpoint, config.train)
+    if resume_from is not None:
+        run_dir = resume_from.parent
+    else:  # decided once, by rank 0: the default name holds the time
+        run_dir = Path(world.from_main(lambda: str(_new_run_dir(config))))
     saved = read_checkpoint(resume_from) if resume_from else None
     if saved is not None:
         changed = _check_resume_compatible(saved.config, config)
-        if changed:
+        if changed and world.is_main:
             print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    device = resolve_device(config.train.device)
+    device = world.place(resolve_device(config.train.device))
     if device.type == "cpu":
         keep_freed_memory()
-    corpus = load_corpus(config.data, vocab=saved.vocab if saved else None)
+    # One process per machine first: a built-in corpus may be downloaded and cached.
+    vocab = saved.vocab if saved else None
+    corpus = world.local_main_first(load_corpus, config.data, vocab=vocab)
     if saved is not None and saved.info.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
         raise CharLSTMError(
             f"the training text differs from the one {run_dir} was trained on; resume with the "
@@ -89,10 +108,13 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
         )
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
-    trainer = _Trainer(config, corpus, net, device, run_dir, progress, started)
+    if world.rank:  # the same initial weights everywhere, but each process its own dropout
+        torch.manual_seed(distributed.rank_seed(config.train.seed, world.rank))
+    trainer = _Trainer(config, corpus, net, device, run_dir, progress, started, world)
     if resume_from is None:
         # Only now, with every input checked, may an --overwrite'd old run be removed.
-        _create_run_dir(run_dir, replace=config.train.overwrite or config.train.resume == "auto")
+        replace = config.train.overwrite or config.train.resume == "auto"
+        world.on_main(_create_run_dir, run_dir, replace=replace)
     if saved is not None and resume_from is not None:
         trainer.restore(resume_from, saved.weights)
     try:
@@ -134,13 +156,19 @@ class _Trainer:
         run_dir: Path,
         progress: bool,
         started: float,
+        world: World = distributed.SINGLE,
     ) -> None:
         self.config, self.tc = config, config.train
         self.corpus, self.net, self.device, self.run_dir = corpus, net, device, run_dir
         self.progress, self.started = progress, started
+        # Under torchrun: this process's streams of each global batch, and the DDP wrapper
+        # whose backward() averages the gradients of all processes (None for one process).
+        self.world, self.rows = world, world.rows(config.train.batch_size)
+        self.ddp = world.wrap(net)
         self.optimizer = _make_optimizer(net, self.tc)
         self.params = [p for p in net.parameters() if p.requires_grad]
-        self.shards = Shards(shard_count(device, self.tc.batch_size, config.model.dropout))
+        shards = shard_count(device, self.tc.batch_size, config.model.dropout)
+        self.shards = Shards(1 if self.ddp is not None else shards)
         self.autocast = autocast_dtype(device, self.tc.precision)
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
@@ -153,8 +181,11 @@ class _Trainer:
         self.best_val: float | None = None
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of a resumed run
         self.last_eval_seconds: float | None = None
+        self.curves_failed = False  # drawing curves.png failed once: do not try again
         self.bad_steps = 0
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after this step
+        self.interrupted: int | None = None  # the signal the loop stopped for (agreed by all)
+        self.clock = 0.0  # under torchrun: the run's elapsed seconds, agreed at the last step
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, 0.0
 
     # ---- the loop -------------------------------------------------------------------------
@@ -166,7 +197,7 @@ class _Trainer:
             total=self.tc.max_steps,
             initial=self.step,
             unit="step",
-            disable=not self.progress,
+            disable=not (self.progress and self.world.is_main),
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.1 if sys.stderr.isatty() else 10.0,  # keep logs of batch jobs short
@@ -187,12 +218,14 @@ class _Trainer:
                     self._evaluate_and_save(metrics, bar)
                     last_eval_step = self.step
                     self.window_start = self.elapsed()  # keep evaluation out of the speed figure
-            if self.stop_signal is not None:
+            if self.interrupted is not None:
                 self._save(self.run_dir / "last", self._info(None), with_resume_state=True)
-                raise TrainingInterrupted(self.stop_signal, self.run_dir, self.step)
+                raise TrainingInterrupted(self.interrupted, self.run_dir, self.step)
             if last_eval_step != self.step:
                 self._evaluate_and_save(metrics, bar)
         total = self.elapsed()
+        if not self.world.is_main:
+            return TrainResult(self.run_dir, self.step, total, None, None)
         best = read_checkpoint(self.run_dir / "best")
         best_val = best.info.get("val")
         print(
@@ -200,7 +233,8 @@ class _Trainer:
             f"{best_val['loss']:.4f} nats/char ({best_val['bpc']:.4f} bpc) -> {self.run_dir}",
             file=sys.stderr,
         )
-        model = CharLM.load(self.run_dir / "best", device=str(self.device))
+        # By type ("cuda", not "cuda:0"): under torchrun, set_device made it this process's GPU.
+        model = CharLM.load(self.run_dir / "best", device=self.device.type)
         val = EvalResult(best_val["loss"], best_val["characters"])
         return TrainResult(self.run_dir, self.step, total, val, model)
 
@@ -214,6 +248,8 @@ class _Trainer:
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, now
 
     def _open_metrics(self):
+        if not self.world.is_main:
+            return contextlib.nullcontext()  # rank 0 alone writes the log
         try:
             return open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         except OSError as e:
@@ -221,14 +257,18 @@ class _Trainer:
 
     def _train_step(self) -> float | None:
         """One optimizer step; returns its loss, or None if the step was skipped as non-finite."""
-        batch = self.batcher.next_batch()
+        batch = self.batcher.next_batch()  # the global batch: the same in every process
+        # The mean over the whole batch's scored targets, whichever shard or process each one
+        # is in. DDP averages gradients over the processes, hence the factor world.size.
+        scored = max(int((batch.targets != IGNORE).sum()), 1)
+        if self.world.size > 1:
+            batch = batch.rows(self.rows)
         if batch.reset_state or self.state is None:
-            self.state = self.net.initial_state(self.tc.batch_size)
+            self.state = self.net.initial_state(len(batch.inputs))
         x = torch.from_numpy(batch.inputs).to(self.device, non_blocking=True)
         y = torch.from_numpy(batch.targets).to(self.device, non_blocking=True)
-        # The mean over the whole batch's scored targets, whichever shard each one is in.
-        scored = max(int((batch.targets != IGNORE).sum()), 1)
-        step = functools.partial(self._forward_backward, weight=1.0 / scored)
+        forward_backward = self._forward_backward if self.ddp is None else self._ddp_step
+        step = functools.partial(forward_backward, weight=self.world.size / scored)
         loss, grads, new_state = self.shards.run(step, x, y, self.state)
         for parameter, grad in zip(self.params, grads, strict=True):
             parameter.grad = grad
@@ -236,8 +276,10 @@ class _Trainer:
         norm = torch.nn.utils.clip_grad_norm_(
             self.net.parameters(), self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
         )
-        value = loss.item()
-        if not (math.isfinite(value) and math.isfinite(float(norm))):
+        # Summed over the processes, so that all of them skip a step that is bad in any one.
+        value, bad_norm = self.world.sum([loss.item(), not math.isfinite(float(norm))])
+        value /= self.world.size
+        if not math.isfinite(value) or bad_norm:
             return self._skip_bad_step(value)
         self.bad_steps = 0
         for group in self.optimizer.param_groups:
@@ -252,12 +294,30 @@ class _Trainer:
         self, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
     ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
         """Loss (weighted sum over this shard), its gradients and the new state, for one shard."""
-        with self._autocast():  # autocast is per thread: enter it in the shard's own
-            logits, new_state = self.net(x, state)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        loss = losses * weight
+        loss, new_state = self._weighted_loss(self.net, x, y, state, weight)
         grads = torch.autograd.grad(self.scaler.scale(loss), self.params)
         return loss.detach(), list(grads), detach_state(new_state)
+
+    def _ddp_step(
+        self, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
+        """:meth:`_forward_backward` through DistributedDataParallel, whose backward() leaves
+        in every process the average of all processes' gradients."""
+        assert self.ddp is not None
+        for parameter in self.params:
+            parameter.grad = None
+        loss, new_state = self._weighted_loss(self.ddp, x, y, state, weight)
+        self.scaler.scale(loss).backward()
+        return loss.detach(), [p.grad for p in self.params], detach_state(new_state)
+
+    def _weighted_loss(
+        self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+    ) -> tuple[torch.Tensor, State]:
+        """``weight`` times the summed cross-entropy of the scored targets, and the new state."""
+        with self._autocast():  # autocast is per thread: enter it in the shard's own
+            logits, new_state = net(x, state)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return losses * weight, new_state
 
     def _skip_bad_step(self, value: float) -> None:
         # Applying a non-finite update would poison every weight: drop it and keep the old state.
@@ -290,21 +350,33 @@ class _Trainer:
         if self.tc.max_epochs:
             fractions.append(self.batcher.epochs_done / self.tc.max_epochs)
         if self.budget:
-            fractions.append(self.elapsed() / self.budget)
+            # Under torchrun, the clock all processes agreed on: they must use the same rate.
+            clock = self.clock if self.world.size > 1 else self.elapsed()
+            fractions.append(clock / self.budget)
         return min(1.0, max(fractions))
 
     def _should_stop(self) -> bool:
-        if self.stop_signal is not None:
+        stop_signal, out_of_time = self.stop_signal, self._out_of_time()
+        if self.world.size > 1:
+            # Signals and clocks are per process: decide together, or the processes part ways.
+            agreed = self.world.max([stop_signal or 0, out_of_time, self.elapsed()])
+            signum, late, self.clock = agreed
+            stop_signal, out_of_time = int(signum) or None, bool(late)
+        if stop_signal is not None:
+            self.interrupted = stop_signal
             return True
         if self.tc.max_steps is not None and self.step >= self.tc.max_steps:
             return True
         if self.tc.max_epochs is not None and self.batcher.epochs_done >= self.tc.max_epochs:
             return True
-        if self.budget is not None:
-            # Keep enough of the budget for the final evaluation and checkpoint.
-            reserve = self.last_eval_seconds or self._estimated_eval_seconds()
-            return self.step > 0 and self.elapsed() + reserve >= self.budget
-        return False
+        return out_of_time
+
+    def _out_of_time(self) -> bool:
+        if self.budget is None:
+            return False
+        # Keep enough of the budget for the final evaluation and checkpoint.
+        reserve = self.last_eval_seconds or self._estimated_eval_seconds()
+        return self.step > 0 and self.elapsed() + reserve >= self.budget
 
     def _estimated_eval_seconds(self) -> float:
         # Before the first evaluation: a forward pass costs about a third of a training step.
@@ -316,7 +388,11 @@ class _Trainer:
 
     def _evaluate_and_save(self, metrics, bar) -> None:
         began = time.monotonic()
-        result = evaluate_ids(self.net, [self.corpus.val])
+        # Each process scores its share of the validation text; the sums make the same whole.
+        part = (self.world.rank, self.world.size)
+        nats, count = score_ids(self.net, [self.corpus.val], part=part)
+        nats, count = self.world.sum([nats, count])
+        result = eval_result(nats, int(count))
         if not math.isfinite(result.perplexity):
             raise CharLSTMError(
                 f"the validation loss is {result.loss:g} at step {self.step}; the model "
@@ -330,13 +406,29 @@ class _Trainer:
         if improved:
             self._save(self.run_dir / "best", info, with_resume_state=False)
         self._save(self.run_dir / "last", info, with_resume_state=True)
+        if self.world.is_main:  # after the checkpoints: a failed plot can never cost one
+            self._draw_curves(bar)
         self.last_eval_seconds = time.monotonic() - began
+        if not self.world.is_main:
+            return
         bar.write(
             f"step {self.step}: validation loss {result.loss:.4f} nats/char, "
             f"{result.bpc:.4f} bpc, perplexity {result.perplexity:.2f}"
             + ("  (best so far)" if improved else ""),
             file=sys.stderr,
         )
+
+    def _draw_curves(self, bar) -> None:
+        """Redraw RUN_DIR/curves.png. A picture is not worth stopping a run for: a failure
+        (no matplotlib, no fonts, a full disk) is reported once and plotting stops."""
+        if self.curves_failed:
+            return
+        try:
+            write_curves(self.run_dir)
+        except Exception as e:  # anything at all: the run matters more than its picture
+            self.curves_failed = True
+            bar.write(f"warning: cannot draw {self.run_dir / CURVES_FILE} ({e}); training goes "
+                      "on without it", file=sys.stderr)  # fmt: skip
 
     def _info(self, val: EvalResult | None) -> dict[str, Any]:
         return {
@@ -356,7 +448,9 @@ class _Trainer:
         resume_tensors = resume_json = None
         if with_resume_state:
             resume_tensors, resume_json = self._resume_state()
-        write_checkpoint(
+        # Rank 0 writes; the others wait for it, and fail with it if it cannot.
+        self.world.on_main(
+            write_checkpoint,
             directory,
             config=self.config,
             vocab=self.corpus.vocab,
@@ -367,11 +461,18 @@ class _Trainer:
         )
 
     def _resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        # Under torchrun, every process's generators and carried state are gathered (rank 0
+        # saves them): the whole batch's state lets a run resume on any number of processes.
+        generators = {"rng.torch": torch.get_rng_state}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            generators["rng.cuda"] = functools.partial(torch.cuda.get_rng_state, self.device)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, get_state in generators.items():
+            for rank, value in enumerate(self.world.gather(get_state())):
+                tensors[f"{name}.rank{rank}" if rank else name] = value
         for i, s in enumerate(self.state or ()):
-            tensors[f"state.{i}"] = s
+            parts = self.world.gather(s)
+            tensors[f"state.{i}"] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         optimizer = self.optimizer.state_dict()
         for index, values in optimizer["state"].items():
             for key, value in values.items():
@@ -385,6 +486,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "carried_state": self.state is not None,
             "log_window": [self.window_loss, self.window_steps],
+            "world_size": self.world.size,
         }
         return tensors, json_state
 
@@ -407,20 +509,30 @@ class _Trainer:
         self.best_val = state["best_val"]
         self.batcher.load_state_dict(state["batcher"])
         self.window_loss, self.window_steps = state["log_window"]
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        suffix = f".rank{self.world.rank}" if self.world.rank else ""  # this process's own
+        if "rng.torch" + suffix in tensors:
+            torch.set_rng_state(tensors["rng.torch" + suffix])
+        else:  # a process the saving run did not have: a generator of its own
+            torch.manual_seed(distributed.rank_seed(self.tc.seed, self.world.rank, self.step))
+        if "rng.cuda" + suffix in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda" + suffix], self.device)
         if state.get("carried_state"):
             count = len([k for k in tensors if k.startswith("state.")])
-            self.state = tuple(tensors[f"state.{i}"].to(self.device) for i in range(count))
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-        print(f"resuming {self.run_dir} at step {self.step}", file=sys.stderr)
+            saved = [tensors[f"state.{i}"] for i in range(count)]  # the whole batch's state
+            if self.world.size > 1:
+                saved = [s[:, self.rows] for s in saved]
+            self.state = tuple(s.to(self.device) for s in saved)
+        if self.world.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            print(f"resuming {self.run_dir} at step {self.step}", file=sys.stderr)
 
     def elapsed(self) -> float:
         """Seconds of the run so far, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.monotonic() - self.started
 
     def _log(self, metrics, **values: Any) -> None:
+        if not self.world.is_main:
+            return
         record = {"step": self.step, "elapsed": round(self.elapsed(), 3), **values}
         if values.get("kind") == "train":
             record["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -444,6 +556,8 @@ class _Trainer:
         return postfix
 
     def _announce(self) -> None:
+        if not self.world.is_main:
+            return
         corpus, mc = self.corpus, self.config.model
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
         limits = []
@@ -462,6 +576,10 @@ class _Trainer:
             f"{self.tc.seq_len} ({self.tc.batching}), stopping at {' or '.join(limits)}",
             f"run directory: {self.run_dir}",
         ]
+        if self.world.size > 1:
+            size, kind = self.world.size, self.device.type
+            per = self.tc.batch_size // size
+            lines.insert(3, f"distributed: {size} processes ({kind}), {per} streams each")
         print("\n".join(lines), file=sys.stderr)
 
     def _autocast(self):
