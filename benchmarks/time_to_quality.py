@@ -65,7 +65,8 @@ def run_ours(budget: str, work: Path) -> tuple[float, float, float, int]:
     model = charlstm.load(str(out / "best"), device="cpu")
     info = model.info
     _, val_ids, _ = encoded_corpus()
-    chars = info["step"] * model.config.train.batch_size * model.config.train.seq_len
+    steps = charlstm.load(str(out / "last"), device="cpu").info["step"]  # the whole run's
+    chars = steps * model.config.train.batch_size * model.config.train.seq_len
     return seconds, info["val"]["loss"], windowed_loss(model.net, val_ids.numpy()), chars
 
 

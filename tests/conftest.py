@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import charlstm
 
@@ -25,9 +27,32 @@ def shakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_200k(shakespeare_path: Path, tmp_path_factory) -> Path:
     """The first 200,000 characters of Tiny Shakespeare, as a file."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare200k.txt"
-    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    return text_prefix(shakespeare_path, tmp_path_factory, 200_000)
+
+
+def text_prefix(source: Path, tmp_path_factory, characters: int) -> Path:
+    """The first ``characters`` characters of ``source``, as a new file."""
+    path = tmp_path_factory.mktemp("corpus") / f"{source.stem}-{characters}.txt"
+    path.write_text(source.read_text(encoding="utf-8")[:characters], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(shakespeare_200k: Path, tmp_path_factory) -> Path:
+    """30,000 characters of Tiny Shakespeare: evaluations (and so tests) stay quick."""
+    return text_prefix(shakespeare_200k, tmp_path_factory, 30_000)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Train and score tiny models on one thread (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``). They are fastest so, and on a
+    shared 2-core machine two OpenMP threads ran them up to 17x slower whenever another process
+    held a core (200 steps: 3.6 s on one thread, 63 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

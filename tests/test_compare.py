@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_config
 from test_plot import assert_png, run_cli
 
@@ -20,28 +19,12 @@ from charlstm import CharLSTMError
 from charlstm.checkpoint import read_checkpoint
 
 # Tiny cells, so that three of them train in a few seconds.
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"embed_dim": 16, "hidden_dim": 32, "batch_size": 8, "seq_len": 32}
 CLI_SMALL = [
     "--embed-dim", "16", "--hidden-dim", "32", "--batch-size", "8", "--seq-len", "32",
     "--dropout", "0", "--device", "cpu", "--precision", "fp32",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_corpus(shakespeare_200k: Path, tmp_path_factory) -> Path:
-    """30,000 characters: evaluations (and so these tests) stay quick."""
-    path = tmp_path_factory.mktemp("small") / "small.txt"
-    path.write_text(shakespeare_200k.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread for these tiny models: see test_plot.one_thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

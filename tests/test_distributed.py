@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import text_prefix, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -28,10 +28,14 @@ from charlstm import distributed
 from charlstm.batching import IGNORE, StatefulBatcher, make_batcher
 from charlstm.data import load_corpus
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or sys.platform != "linux",
-    reason="needs torch.distributed with gloo, on Linux",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or sys.platform != "linux",
+        reason="needs torch.distributed with gloo, on Linux",
+    ),
+    # In-process runs on one thread too, like each torchrun process.
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TIMEOUT = 120
 # One model, one batch of 16 streams, constant learning rate after warm-up (so runs of different
@@ -98,16 +102,6 @@ batching.Batch.rows, train_module._Trainer.run = rows, run
 train_module._Trainer._train_step, train_module._Trainer._ddp_step = train_step, ddp_step
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs on one thread too, like each torchrun process: on a shared 2-core machine,
-    spinning OpenMP threads of two busy processes slow each other down tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def flags(**settings) -> list[str]:
@@ -181,9 +175,7 @@ def step_of(checkpoint: Path) -> int:
 @pytest.fixture(scope="module")
 def corpus(shakespeare_200k: Path, tmp_path_factory) -> Path:
     """40,000 characters: 36,000 to train on, 4,000 to validate on (three evaluation segments)."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare40k.txt"
-    path.write_text(shakespeare_200k.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
+    return text_prefix(shakespeare_200k, tmp_path_factory, 40_000)
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,8 @@ from charlstm.interpret import (
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 nan = math.nan
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread for these tiny models: see test_plot.one_thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def untrained(cell: str = "lstm", symbols: str = "", seed: int = 0, **shape) -> CharLM:

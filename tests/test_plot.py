@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import tiny_config
 
 import charlstm
 from charlstm import CharLSTMError
 from charlstm.plot import CURVES_FILE, METRICS_FILE, plot_runs, read_curves
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The module, not the function charlstm.train that shadows its name on the package.
 train_module = importlib.import_module("charlstm.train")
@@ -36,17 +36,6 @@ def assert_png(path: Path, min_bytes: int = 10_000) -> None:
     pixels = imread(path)
     assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100
     assert float(pixels[..., :3].std()) > 0.02, "the picture is blank"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Train and score these tiny models on one thread. They are fastest so, and on a shared
-    2-core machine two OpenMP threads ran them up to 17x slower whenever another process held a
-    core (200 steps: 3.6 s on one thread, 63 s on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(args: list[object], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
@@ -69,14 +58,6 @@ def write_metrics(run_dir: Path, records: list[dict], tail: str = "") -> Path:
     lines = "".join(json.dumps(r) + "\n" for r in records)
     (run_dir / METRICS_FILE).write_text(lines + tail, encoding="utf-8")
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def small_corpus(shakespeare_200k: Path, tmp_path_factory) -> Path:
-    """30,000 characters: evaluations (and so these tests) stay quick."""
-    path = tmp_path_factory.mktemp("small") / "small.txt"
-    path.write_text(shakespeare_200k.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    return path
 
 
 def test_read_curves_converts_training_nats_to_bits_and_skips_a_cut_line(tmp_path):

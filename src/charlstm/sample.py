@@ -34,7 +34,8 @@ def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: floa
         return probs
     # Work in rank order (likeliest first, ties by id), then put the kept mass back in place.
     order = np.argsort(-probs, axis=-1, kind="stable")
-    ranked = np.take_along_axis(probs, order, axis=-1)
+    rows = np.arange(len(probs))[:, None]
+    ranked = probs[rows, order]
     if 0 < top_k < vocab:
         ranked[:, top_k:] = 0.0
         ranked /= ranked.sum(axis=-1, keepdims=True)
@@ -43,7 +44,7 @@ def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: floa
         ranked[before >= top_p] = 0.0  # kept: up to and including the one that reaches top_p
         ranked /= ranked.sum(axis=-1, keepdims=True)
     filtered = np.empty_like(probs)
-    np.put_along_axis(filtered, order, ranked, axis=-1)
+    filtered[rows, order] = ranked
     return filtered
 
 
@@ -125,51 +126,65 @@ class NumpyStepper:
     """A CPU CharRNN advanced one character at a time in numpy, from its weights.
 
     Layer 0's input is folded into a lookup table (embedding times input weights plus biases),
-    and the LSTM gates are reordered so one sigmoid covers three of them; a step is then a
-    matrix product per layer input and per recurrence, a few element-wise calls and the head.
+    and the LSTM gates are reordered so one sigmoid covers three of them. Each higher layer of
+    an LSTM or vanilla RNN keeps its input and its own h side by side in one buffer, so its
+    gates cost one matrix product with the stacked weights: at batch 1 the calls, not the
+    arithmetic, are what a step costs.
     """
 
     def __init__(self, net: CharRNN, state: State) -> None:
         config, rnn = net.config, net.rnn
         self.cell, self.hidden = config.cell, config.hidden_dim
-        self.state = [_array(s).copy() for s in state]  # (n_layers, N, H): h, and c for LSTM
+        h, *c = (_array(s) for s in state)  # (n_layers, N, H): h, and c for LSTM
+        self.cells = [layer.copy() for layer in c[0]] if c else []
+        size = self.hidden
+        # Layer l reads [its input | its h] from joined[l]; its new h goes to joined[l][:, H:]
+        # and, as the next layer's input, to joined[l + 1][:, :H] (layer 0's input is a lookup).
+        self.joined = [np.concatenate([np.zeros_like(h[0]), h[0]], axis=1)]
+        self.joined += [np.concatenate([h[k - 1], h[k]], axis=1) for k in range(1, len(h))]
         self.layers = []
         for layer in range(config.n_layers):
             w_ih, w_hh, b_ih, b_hh = (
-                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, self.hidden)
+                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, size)
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
             )
-            if self.cell != "gru":  # only the GRU scales part of b_hh by a gate: keep it apart
-                b_ih, b_hh = b_ih + b_hh, np.zeros_like(b_hh)
-            w_in = w_ih.T
-            if layer == 0:  # one row per input id
-                w_in, b_ih = _array(net.embed.weight) @ w_ih.T + b_ih, np.zeros_like(b_ih)
-            self.layers.append(tuple(np.ascontiguousarray(a) for a in (w_in, b_ih, w_hh.T, b_hh)))
+            # Layer 0's input product becomes a lookup table: one row per input id.
+            w_ih = _array(net.embed.weight) @ w_ih.T + b_ih if layer == 0 else w_ih.T
+            b_ih = np.zeros_like(b_ih) if layer == 0 else b_ih
+            if self.cell == "gru":  # the reset gate scales the recurrent part alone: keep apart
+                weights = (w_ih, b_ih, w_hh.T, b_hh)
+            elif layer == 0:
+                weights = (w_ih + b_hh, None, w_hh.T, None)
+            else:
+                weights = (np.concatenate([w_ih, w_hh.T]), b_ih + b_hh, None, None)
+            contiguous = (None if a is None else np.ascontiguousarray(a) for a in weights)
+            self.layers.append(tuple(contiguous))
         self.head_weight = np.ascontiguousarray(_array(net.head.weight).T)
         self.head_bias = _array(net.head.bias)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """(N,) ids in, (N, V) float32 logits of the next character out."""
-        x = ids
+        size, last = self.hidden, len(self.layers) - 1
         for layer, (w_in, b_in, w_hh, b_hh) in enumerate(self.layers):
-            inputs = w_in[x] if layer == 0 else x @ w_in + b_in
-            h = self.state[0][layer]
-            recurrent = h @ w_hh + b_hh
-            if self.cell == "lstm":
-                x = self._lstm(layer, inputs + recurrent)
-            elif self.cell == "gru":
-                x = _gru(inputs, recurrent, h, self.hidden)
+            joined = self.joined[layer]
+            h = joined[:, size:]
+            if self.cell == "gru":
+                inputs = w_in[ids] if layer == 0 else joined[:, :size] @ w_in + b_in
+                new_h = _gru(inputs, h @ w_hh + b_hh, h, size)
             else:
-                x = np.tanh(inputs + recurrent)
-            self.state[0][layer] = x
-        return x @ self.head_weight + self.head_bias
+                gates = w_in[ids] + h @ w_hh if layer == 0 else joined @ w_in + b_in
+                new_h = self._lstm(layer, gates) if self.cell == "lstm" else np.tanh(gates)
+            h[...] = new_h
+            if layer < last:
+                self.joined[layer + 1][:, :size] = new_h
+        return new_h @ self.head_weight + self.head_bias
 
     def _lstm(self, layer: int, gates: np.ndarray) -> np.ndarray:
         size = self.hidden
         ifo = _sigmoid(gates[:, : 3 * size])  # input, forget, output (see _gate_order)
         candidate = np.tanh(gates[:, 3 * size :])
-        c = ifo[:, size : 2 * size] * self.state[1][layer] + ifo[:, :size] * candidate
-        self.state[1][layer] = c
+        c = ifo[:, size : 2 * size] * self.cells[layer] + ifo[:, :size] * candidate
+        self.cells[layer] = c
         return ifo[:, 2 * size :] * np.tanh(c)
 
 
