@@ -33,7 +33,7 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, *
     return field(default=default, metadata=metadata, **kw)
 
 
-# Chosen by experiment (benchmarks/time_to_quality.py, README "Results"): the settings that
+# Chosen by experiment (benchmarks/time_to_quality.py, README "Benchmarks"): the settings that
 # reach the lowest validation loss on Tiny Shakespeare within each wall-clock budget on a
 # 2-core CPU. The dataclass defaults below are the 5-minute preset itself.
 PRESETS: dict[str, dict[str, Any]] = {
