@@ -18,9 +18,9 @@ VOCAB = 11
 def make_step(net: CharRNN, weight: float, seen_threads: list[int]):
     params = list(net.parameters())
 
-    def step(x, y, state):
+    def step(x, y, state, generator):
         seen_threads.append(threading.get_ident())
-        logits, new_state = net(x, state)
+        logits, new_state = net(x, state, generator=generator)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") * weight
         return loss.detach(), list(torch.autograd.grad(loss, params)), detach_state(new_state)
 
@@ -72,6 +72,27 @@ def test_shards_are_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(other[1], runs[0][1], strict=True))
 
 
+def test_dropout_masks_come_from_per_shard_generators_seeded_in_order():
+    # Head dropout with two shards: the masks depend on the global seed alone, never on which
+    # thread ran first, and a shard's rows get masks of their own.
+    torch.manual_seed(1)
+    net = CharRNN(ModelConfig(embed_dim=8, hidden_dim=16, n_layers=1, dropout=0.5), VOCAB)
+    net.train()
+    x, y = torch.randint(0, VOCAB, (6, 10)), torch.randint(0, VOCAB, (6, 10))
+    state = net.initial_state(6)
+    shards = Shards(2)
+    try:
+        runs = []
+        for seed in (7, 7, 8):
+            torch.manual_seed(seed)
+            runs.append(shards.run(make_step(net, 0.1, []), x, y, state))
+    finally:
+        shards.close()
+    same, other = runs[1], runs[2]
+    assert all(torch.equal(a, b) for a, b in zip(same[1], runs[0][1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(other[1], runs[0][1], strict=True))
+
+
 def test_workers_run_single_threaded_operations_and_the_caller_keeps_its_threads():
     before = torch.get_num_threads()
     shards = Shards(2)
@@ -86,7 +107,10 @@ def test_workers_run_single_threaded_operations_and_the_caller_keeps_its_threads
 def test_shard_count():
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
-    assert shard_count(cpu, 64, 0.0) == threads
-    assert shard_count(cpu, 1, 0.0) == 1
-    assert shard_count(cpu, 64, 0.2) == 1  # dropout draws from one global generator
-    assert shard_count(torch.device("cuda"), 64, 0.0) == 1
+    assert shard_count(cpu, 64, 0.0, fused=False) == threads
+    assert shard_count(cpu, 1, 0.0, fused=False) == 1
+    # torch.nn.LSTM draws its dropout masks from the one global generator; the kernel's path
+    # draws every mask from the shard's own.
+    assert shard_count(cpu, 64, 0.2, fused=False) == 1
+    assert shard_count(cpu, 64, 0.2, fused=True) == threads
+    assert shard_count(torch.device("cuda"), 64, 0.0, fused=False) == 1

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from charlstm import amx_lstm
 from charlstm.config import ModelConfig
 
 # The recurrent state: (h, c) for an LSTM, (h,) for a GRU or RNN; each tensor is
@@ -37,15 +39,31 @@ class CharRNN(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_dim, vocab_size)
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, State]:
         """Logits for the next id at every position, and the state after the last one.
 
         x: (B, T) integer ids; state: from :meth:`initial_state` or a previous call, or None
-        for zeros. Returns logits (B, T, vocab_size) and the new state.
+        for zeros. Returns logits (B, T, vocab_size) and the new state. ``generator``, if
+        given, draws the dropout masks that torch.nn.LSTM does not draw itself (all of them
+        on the AMX path), so that threads training shards of one batch stay reproducible.
         """
+        p = self.drop.p if self.training else 0.0
+        if amx_lstm.applies(self.rnn, x):  # bf16 autocast on an AMX CPU: the fused kernel
+            # Time-major there, so that each step's rows lie together in memory.
+            between = self.rnn.dropout if self.training else 0.0
+            out, new_state = amx_lstm.lstm_forward(
+                self.rnn, self.embed(x.t()), state, between=between, after=p, generator=generator
+            )
+            return self.head(out).transpose(0, 1), new_state
         emb = self.embed(x)  # (B, T, E)
         out, new_state = self.rnn(emb, _unpack(state, self.config.cell))  # (B, T, H)
-        logits = self.head(self.drop(out))  # (B, T, V)
+        logits = self.head(dropout(out, p, generator))  # (B, T, V)
         return logits, _pack(new_state)
 
     def initial_state(self, batch_size: int) -> State:
@@ -58,6 +76,17 @@ class CharRNN(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p); the mask
+    comes from ``generator`` (the global generator if None)."""
+    if p == 0:
+        return x
+    if generator is None:
+        return F.dropout(x, p, training=True)
+    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * keep.div_(1 - p)
 
 
 def detach_state(state: State) -> State:

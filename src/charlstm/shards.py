@@ -4,7 +4,8 @@ At the batch sizes a char-RNN trains with, PyTorch's own multi-threading of each
 scales poorly (two cores give 1.5x one core on a 2 x 256 LSTM). Splitting the batch's streams
 into one shard per core, each run forward and backward on its own thread with single-threaded
 operations, gives close to 2x; the shards' gradients are then added in a fixed order, so the
-result does not depend on which thread finishes first.
+result does not depend on which thread finishes first. Each shard draws its dropout masks from
+a generator of its own, seeded from the global one in the caller's thread, for the same reason.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# forward_backward(inputs, targets, state) -> (loss summed over the shard, gradients, new state)
+# forward_backward(inputs, targets, state, generator) -> (loss summed over the shard, gradients,
+# new state); the generator (None for a single shard: the global one) draws dropout masks.
 ShardStep = Callable[
-    [torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
+    [torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Generator | None],
     tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...]],
 ]
 
@@ -43,8 +45,15 @@ class Shards:
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...]]:
         """The summed loss, the summed gradients and the new state of the whole batch."""
         bounds = _bounds(len(inputs), self.count)
-        jobs = [(inputs[a:b], targets[a:b], tuple(s[:, a:b] for s in state)) for a, b in bounds]
-        if self.pool is None:
+        generators: list[torch.Generator | None] = [None]
+        if len(bounds) > 1:  # seeds drawn here, in order: the same masks whatever the timing
+            seeds = torch.randint(2**62, (len(bounds),)).tolist()
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        jobs = [
+            (inputs[a:b], targets[a:b], tuple(s[:, a:b] for s in state), generator)
+            for (a, b), generator in zip(bounds, generators, strict=True)
+        ]
+        if self.pool is None or len(jobs) == 1:
             results = [step(*job) for job in jobs]
         else:
             results = list(self.pool.map(lambda job: step(*job), jobs))
@@ -61,10 +70,11 @@ class Shards:
             self.pool.shutdown()
 
 
-def shard_count(device: torch.device, batch_size: int, dropout: float) -> int:
-    """One shard per CPU thread; one on GPUs, and with dropout, whose random masks come from
-    the one global generator and would differ with thread timing."""
-    if device.type != "cpu" or dropout > 0:
+def shard_count(device: torch.device, batch_size: int, dropout: float, fused: bool) -> int:
+    """One shard per CPU thread; one on GPUs. With dropout, only where the AMX kernel runs the
+    LSTM (``fused``): torch.nn.LSTM draws its masks from the one global generator, in an order
+    that would depend on thread timing."""
+    if device.type != "cpu" or (dropout > 0 and not fused):
         return 1
     return max(1, min(torch.get_num_threads(), batch_size))
 

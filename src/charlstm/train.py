@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from charlstm import distributed
+from charlstm import amx_lstm, distributed
 from charlstm.batching import IGNORE, make_batcher
 from charlstm.checkpoint import (
     read_checkpoint,
@@ -167,9 +167,11 @@ class _Trainer:
         self.ddp = world.wrap(net)
         self.optimizer = _make_optimizer(net, self.tc)
         self.params = [p for p in net.parameters() if p.requires_grad]
-        shards = shard_count(device, self.tc.batch_size, config.model.dropout)
-        self.shards = Shards(1 if self.ddp is not None else shards)
         self.autocast = autocast_dtype(device, self.tc.precision)
+        mc = config.model
+        fused = amx_lstm.trains(mc.cell, mc.hidden_dim, device, self.autocast)
+        shards = shard_count(device, self.tc.batch_size, mc.dropout, fused)
+        self.shards = Shards(1 if self.ddp is not None else shards)
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.batcher = make_batcher(
@@ -291,31 +293,47 @@ class _Trainer:
         return value
 
     def _forward_backward(
-        self, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        state: State,
+        generator: torch.Generator | None,
+        weight: float,
     ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
         """Loss (weighted sum over this shard), its gradients and the new state, for one shard."""
-        loss, new_state = self._weighted_loss(self.net, x, y, state, weight)
+        loss, new_state = self._weighted_loss(self.net, x, y, state, weight, generator)
         grads = torch.autograd.grad(self.scaler.scale(loss), self.params)
         return loss.detach(), list(grads), detach_state(new_state)
 
     def _ddp_step(
-        self, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        state: State,
+        generator: torch.Generator | None,
+        weight: float,
     ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
         """:meth:`_forward_backward` through DistributedDataParallel, whose backward() leaves
         in every process the average of all processes' gradients."""
         assert self.ddp is not None
         for parameter in self.params:
             parameter.grad = None
-        loss, new_state = self._weighted_loss(self.ddp, x, y, state, weight)
+        loss, new_state = self._weighted_loss(self.ddp, x, y, state, weight, generator)
         self.scaler.scale(loss).backward()
         return loss.detach(), [p.grad for p in self.params], detach_state(new_state)
 
     def _weighted_loss(
-        self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: State, weight: float
+        self,
+        net: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        state: State,
+        weight: float,
+        generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, State]:
         """``weight`` times the summed cross-entropy of the scored targets, and the new state."""
         with self._autocast():  # autocast is per thread: enter it in the shard's own
-            logits, new_state = net(x, state)
+            logits, new_state = net(x, state, generator=generator)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         return losses * weight, new_state
 

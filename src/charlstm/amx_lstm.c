@@ -1,0 +1,501 @@
+/* The recurrence of one LSTM layer, forward and backward, on CPUs with Intel AMX.
+ *
+ * A character LSTM spends its time in a loop of T small steps: per step a [B, K] x [K, 4H]
+ * product (K = input + hidden width) and a few element-wise gate operations on [B, 4H].
+ * Library kernels pay a fixed cost per call that dwarfs the arithmetic at these sizes, so this
+ * file runs the whole loop in one call: each step's product on AMX tiles (bf16 inputs, fp32
+ * sums) with the input projection folded in, and the gates in AVX-512 on tiles still in L1.
+ * Everything that is not sequential in time (weight gradients) is left to PyTorch.
+ *
+ * Layouts (row-major unless stated; B is a multiple of 16, H of 32, K = E + H with E a
+ * multiple of 32; gate order i, f, g, o as in torch.nn.LSTM):
+ *   xh     [T, B, K] bf16: row t holds [x_t | h_{t-1}]; the kernel writes h_t into row t + 1
+ *   packed weights: a [K, N] matrix as [N/16][K/32] blocks of 16 x 32 bf16, each block the
+ *          pairs-of-rows ("VNNI") layout an AMX B tile loads
+ *   saved  [T][H/16][B] blocks of 16 units: c in fp32, then i, f, g, o and tanh(c) in fp16
+ *          (all five lie in [-1, 1], where fp16 keeps 11 bits), for the backward
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define HAVE_AMX_BUILD 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define HAVE_AMX_BUILD 0
+#endif
+
+#if HAVE_AMX_BUILD
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+/* What the backward needs of 16 units of one row at one step. */
+typedef struct {
+    float c[16];
+    uint16_t i[16], f[16], g[16], o[16], tc[16];
+} saved_block;
+_Static_assert(sizeof(saved_block) == 16 * 14, "SAVED_BYTES_PER_UNIT below is 14");
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* AMX and AVX-512 BF16 present, and the kernel willing to hand this process tile state. */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int avx512f = (b >> 16) & 1, amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    if (!avx512f || !amx_bf16 || !amx_tile) return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return 0; /* avx512_bf16 */
+    const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+}
+
+/* Every tile 16 rows of 64 bytes: A tiles 16 x 32 bf16, B tiles 16 x 32 (pairs), C 16 x 16 fp32.
+ * A constant in static storage: the compiler cannot see that ldtilecfg reads a local struct
+ * and may drop the stores that fill it. */
+static const tile_config TILES __attribute__((aligned(64))) = {
+    .palette_id = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
+TARGET static void configure_tiles(void) { _tile_loadconfig(&TILES); }
+
+TARGET static inline __m512 exp_ps(__m512 x) {
+    /* 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^6: relative
+     * error under 2e-7. scalef turns huge |n| into inf or 0, so no clamping is needed. */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+TARGET static inline __m512 sigmoid_ps(__m512 x) {
+    /* 1 / (1 + e^-x) with a 14-bit reciprocal refined by one Newton step (division is slow);
+     * x is kept above -80 so that 1 + e^-x stays finite and the refinement never sees inf. */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    __m512 y = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+}
+
+TARGET static inline __m512 tanh_ps(__m512 x) {
+    return _mm512_fmsub_ps(sigmoid_ps(_mm512_add_ps(x, x)), _mm512_set1_ps(2.0f),
+                           _mm512_set1_ps(1.0f));
+}
+
+TARGET static inline void store_bf16(uint16_t *dst, __m512 v) {
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+TARGET static inline __m512 load_bf16(const uint16_t *src) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+TARGET static inline void store_fp16(uint16_t *dst, __m512 v) {
+    _mm256_storeu_si256((__m256i *)dst,
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+TARGET static inline __m512 load_fp16(const uint16_t *src) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src));
+}
+
+/* Dropout on the layer's output, drawn from a counter-based hash of (seed, element index) so
+ * that the backward recomputes the forward's mask instead of storing it. */
+typedef struct {
+    uint32_t threshold; /* keep an element if its 24-bit hash is below this: keep * 2^24 */
+    float scale;        /* 1 / keep */
+    uint32_t seed_a, seed_b;
+} dropout_mask;
+
+TARGET static inline __m512i mix32(__m512i x) {
+    /* A 32-bit integer hash with good avalanche (xor-shift-multiply, twice). */
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+/* The mask times the scale for elements [first, first + 16): 0 or 1 / keep each. */
+TARGET static inline __m512 dropout_factor(const dropout_mask *m, uint32_t first) {
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)first),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                       13, 14, 15));
+    __m512i x = mix32(_mm512_xor_si512(index, _mm512_set1_epi32((int)m->seed_a)));
+    x = mix32(_mm512_add_epi32(x, _mm512_set1_epi32((int)m->seed_b)));
+    __mmask16 keep = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(x, 8),
+                                             _mm512_set1_epi32((int)m->threshold));
+    return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(m->scale));
+}
+
+/* What one forward step reads and writes (see lstm_forward). */
+typedef struct {
+    int B, H, K;
+    const uint16_t *a;     /* [B, K]: [x_t | h_{t-1}] */
+    const uint16_t *w;     /* packed [K, 4H] */
+    const float *bias;     /* [4H] */
+    const float *c0;       /* [B, H], the cell state before step 0 */
+    const saved_block *s_prev; /* what the previous step saved, NULL at step 0 */
+    saved_block *saved;        /* what this step saves: [H / 16][B] */
+    uint16_t *h_out;       /* [B, H]: h after dropout */
+    const dropout_mask *drop; /* NULL: no dropout */
+    uint32_t first;        /* index of this step's first output element, for the mask */
+    uint16_t *h_next;      /* row t + 1 of xh (at column E), NULL at the last step */
+    float *h_last, *c_last; /* [B, H] at the last step, else NULL */
+} forward_args;
+
+/* The gates of row b for units [16u, 16u + 16) from their pre-activations in `tiles`
+ * (tiles[4 * (b / 16) + gate][b % 16]): the new cell and hidden state, and what the backward
+ * needs. */
+TARGET static void forward_row(const forward_args *p, int u, int b, float (*tiles)[16][16]) {
+    const int H = p->H, j = 16 * u, tile = 4 * (b / 16), row = b % 16;
+    __m512 i = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile][row]),
+                                        _mm512_loadu_ps(p->bias + j)));
+    __m512 f = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 1][row]),
+                                        _mm512_loadu_ps(p->bias + H + j)));
+    __m512 g = tanh_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 2][row]),
+                                     _mm512_loadu_ps(p->bias + 2 * H + j)));
+    __m512 o = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 3][row]),
+                                        _mm512_loadu_ps(p->bias + 3 * H + j)));
+    __m512 cp = p->s_prev ? _mm512_loadu_ps(p->s_prev[(size_t)u * p->B + b].c)
+                          : _mm512_loadu_ps(p->c0 + (size_t)b * H + j);
+    __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+    __m512 tc = tanh_ps(c);
+    __m512 h = _mm512_mul_ps(o, tc);
+    saved_block *s = p->saved + (size_t)u * p->B + b;
+    _mm512_storeu_ps(s->c, c);
+    store_fp16(s->i, i);
+    store_fp16(s->f, f);
+    store_fp16(s->g, g);
+    store_fp16(s->o, o);
+    store_fp16(s->tc, tc);
+    const __m512 kept = p->drop ? _mm512_mul_ps(h, dropout_factor(p->drop, p->first + b * H + j)) : h;
+    store_bf16(p->h_out + (size_t)b * H + j, kept);
+    if (p->h_next) store_bf16(p->h_next + (size_t)b * p->K + j, h);
+    if (p->h_last) {
+        _mm512_storeu_ps(p->h_last + (size_t)b * H + j, h);
+        _mm512_storeu_ps(p->c_last + (size_t)b * H + j, c);
+    }
+}
+
+/* One step of the forward, unit block by unit block: the four gates of units [16u, 16u + 16)
+ * for every row go to a scratch of tiles, and while AMX computes block u the vector units
+ * finish block u - 1 a few rows at a time, so the two kinds of work overlap.
+ * scratch: 2 x (B / 16) x 4 tiles of 16 x 16 fp32. */
+TARGET static void forward_step(const forward_args *p, float (*scratch)[16][16]) {
+    const int B = p->B, K = p->K, kc_n = K / 32, units = p->H / 16, row_tiles = B / 16;
+    const int steps = (B + 31) / 32 * 2 * kc_n; /* tile iterations per unit block */
+    int pending = -1, done = 0;                 /* unit block u - 1 and its rows finished */
+    for (int u = 0; u < units; u++) {
+        float (*tiles)[16][16] = scratch + (u & 1) * row_tiles * 4;
+        float (*prev)[16][16] = scratch + ((u + 1) & 1) * row_tiles * 4;
+        int step = 0;
+        for (int m0 = 0; m0 < B; m0 += 32) {
+            const int two = m0 + 16 < B, rt = m0 / 16;
+            for (int pass = 0; pass < 2; pass++) { /* gates (i, f), then (g, o) */
+                const int gate = 2 * pass;
+                const uint16_t *w0 = p->w + (size_t)(gate * units + u) * kc_n * 512;
+                const uint16_t *w1 = p->w + (size_t)((gate + 1) * units + u) * kc_n * 512;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int kc = 0; kc < kc_n; kc++) {
+                    _tile_loadd(4, p->a + (size_t)m0 * K + kc * 32, K * 2);
+                    _tile_loadd(6, w0 + (size_t)kc * 512, 64);
+                    _tile_loadd(7, w1 + (size_t)kc * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    if (two) {
+                        _tile_loadd(5, p->a + (size_t)(m0 + 16) * K + kc * 32, K * 2);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    step++;
+                    for (; pending >= 0 && done < B * step / steps; done++)
+                        forward_row(p, pending, done, prev);
+                }
+                _tile_stored(0, tiles[4 * rt + gate], 64);
+                _tile_stored(1, tiles[4 * rt + gate + 1], 64);
+                if (two) {
+                    _tile_stored(2, tiles[4 * rt + 4 + gate], 64);
+                    _tile_stored(3, tiles[4 * rt + 4 + gate + 1], 64);
+                }
+            }
+        }
+        for (; pending >= 0 && done < B; done++) forward_row(p, pending, done, prev);
+        pending = u;
+        done = 0;
+    }
+    for (int b = 0; b < B; b++)
+        forward_row(p, pending, b, scratch + ((units - 1) & 1) * row_tiles * 4);
+}
+
+/* forward(T, B, E, H, xh, w, bias, c0, saved, h_out, h_last, c_last, drop)
+ *   xh [T, B, E + H] bf16: x_t in every row, h0 in row 0; h_t is written into row t + 1
+ *   w: the packed [E + H, 4H] matrix [W_ih | W_hh]^T; bias [4H] fp32: b_ih + b_hh
+ *   h_out [T, B, H] bf16 out, after dropout; h_last, c_last [B, H] fp32 out: the state after
+ *   step T (no dropout) */
+TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const uint16_t *w,
+                               const float *bias, const float *c0, saved_block *saved,
+                               uint16_t *h_out, float *h_last, float *c_last,
+                               const dropout_mask *drop) {
+    const int K = E + H;
+    float (*scratch)[16][16] = aligned_alloc(64, (size_t)2 * (B / 16) * 4 * 1024);
+    if (!scratch) return -1;
+    configure_tiles();
+    for (int t = 0; t < T; t++) {
+        const int last = t == T - 1;
+        forward_args p = {
+            .B = B, .H = H, .K = K,
+            .a = xh + (size_t)t * B * K, .w = w, .bias = bias, .c0 = c0,
+            .s_prev = t > 0 ? saved + (size_t)(t - 1) * B * (H / 16) : NULL,
+            .saved = saved + (size_t)t * B * (H / 16),
+            .h_out = h_out + (size_t)t * B * H,
+            .h_next = last ? NULL : xh + (size_t)(t + 1) * B * K + E,
+            .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
+            .drop = drop, .first = (uint32_t)((size_t)t * B * H),
+        };
+        forward_step(&p, scratch);
+    }
+    _tile_release();
+    free(scratch);
+    return 0;
+}
+
+/* out[B, N] = a[B, 4H] bf16 x w (packed [4H, N]): columns [0, E) go to dx in bf16 (row
+ * stride E), columns [E, E + H) to dh in fp32 (row stride H). */
+TARGET static void backward_product(int B, int E, int H, const uint16_t *a, const uint16_t *w,
+                                    uint16_t *dx, float *dh) {
+    float wide[32][32] __attribute__((aligned(64))); /* dx tiles on their way to bf16 */
+    const int G = 4 * H, kc_n = G / 32, N = E + H;
+    for (int m0 = 0; m0 < B; m0 += 32) {
+        const int two = m0 + 16 < B;
+        for (int n0 = 0; n0 < N; n0 += 32) {
+            const uint16_t *w0 = w + (size_t)(n0 / 16) * kc_n * 512;
+            const uint16_t *w1 = w0 + (size_t)kc_n * 512;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int kc = 0; kc < kc_n; kc++) {
+                _tile_loadd(4, a + (size_t)m0 * G + kc * 32, G * 2);
+                _tile_loadd(6, w0 + (size_t)kc * 512, 64);
+                _tile_loadd(7, w1 + (size_t)kc * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (two) {
+                    _tile_loadd(5, a + (size_t)(m0 + 16) * G + kc * 32, G * 2);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            float *dst = n0 < E ? wide[0] : dh + (size_t)m0 * H + (n0 - E);
+            const int ld = n0 < E ? 32 : H;
+            _tile_stored(0, dst, ld * 4);
+            _tile_stored(1, dst + 16, ld * 4);
+            if (two) {
+                _tile_stored(2, dst + 16 * ld, ld * 4);
+                _tile_stored(3, dst + 16 * ld + 16, ld * 4);
+            }
+            if (n0 < E) {
+                for (int r = 0; r < (two ? 32 : 16); r++) {
+                    uint16_t *row = dx + (size_t)(m0 + r) * E + n0;
+                    store_bf16(row, _mm512_load_ps(wide[r]));
+                    store_bf16(row + 16, _mm512_load_ps(wide[r] + 16));
+                }
+            }
+        }
+    }
+}
+
+/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg, dx, dh, dc, dbias, drop)
+ *   dh_out [T, B, H] bf16: gradient of the layer's output (after dropout) at every step
+ *   dh, dc [B, H] fp32: on entry the gradient of the final state, on exit that of the first
+ *   dg [T, B, 4H] bf16 out: gradient of the gate pre-activations (for the weight gradients)
+ *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated */
+TARGET static void lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
+                                 const uint16_t *w, const saved_block *saved, const float *c0,
+                                 uint16_t *dg, uint16_t *dx, float *dh, float *dc,
+                                 float *dbias, const dropout_mask *drop) {
+    const int G = 4 * H, units = H / 16;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    configure_tiles();
+    for (int t = T - 1; t >= 0; t--) {
+        const saved_block *s_now = saved + (size_t)t * B * (H / 16);
+        const saved_block *s_prev = t > 0 ? saved + (size_t)(t - 1) * B * (H / 16) : NULL;
+        uint16_t *dg_t = dg + (size_t)t * B * G;
+        for (int u = 0; u < units; u++) {
+            const int j = 16 * u;
+            __m512 si = _mm512_setzero_ps(), sf = si, sg = si, so = si;
+            for (int b = 0; b < B; b++) {
+                const saved_block *s = s_now + (size_t)u * B + b;
+                const size_t k = (size_t)b * H + j;
+                __m512 i = load_fp16(s->i), f = load_fp16(s->f);
+                __m512 g = load_fp16(s->g), o = load_fp16(s->o), tc = load_fp16(s->tc);
+                __m512 cp = s_prev ? _mm512_loadu_ps(s_prev[(size_t)u * B + b].c)
+                                   : _mm512_loadu_ps(c0 + k);
+                __m512 from_out = load_bf16(dh_out + (size_t)t * B * H + k);
+                if (drop) from_out = _mm512_mul_ps(from_out, dropout_factor(drop, t * B * H + k));
+                __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
+                __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
+                                             _mm512_loadu_ps(dc + k));
+                __m512 di = _mm512_mul_ps(_mm512_mul_ps(dct, g), _mm512_fnmadd_ps(i, i, i));
+                __m512 df = _mm512_mul_ps(_mm512_mul_ps(dct, cp), _mm512_fnmadd_ps(f, f, f));
+                __m512 dgg = _mm512_mul_ps(_mm512_mul_ps(dct, i), _mm512_fnmadd_ps(g, g, one));
+                __m512 dout = _mm512_mul_ps(_mm512_mul_ps(dht, tc), _mm512_fnmadd_ps(o, o, o));
+                _mm512_storeu_ps(dc + k, _mm512_mul_ps(dct, f));
+                uint16_t *row = dg_t + (size_t)b * G + j;
+                store_bf16(row, di);
+                store_bf16(row + H, df);
+                store_bf16(row + 2 * H, dgg);
+                store_bf16(row + 3 * H, dout);
+                si = _mm512_add_ps(si, di);
+                sf = _mm512_add_ps(sf, df);
+                sg = _mm512_add_ps(sg, dgg);
+                so = _mm512_add_ps(so, dout);
+            }
+            float *db = dbias + j;
+            _mm512_storeu_ps(db, _mm512_add_ps(_mm512_loadu_ps(db), si));
+            _mm512_storeu_ps(db + H, _mm512_add_ps(_mm512_loadu_ps(db + H), sf));
+            _mm512_storeu_ps(db + 2 * H, _mm512_add_ps(_mm512_loadu_ps(db + 2 * H), sg));
+            _mm512_storeu_ps(db + 3 * H, _mm512_add_ps(_mm512_loadu_ps(db + 3 * H), so));
+        }
+        backward_product(B, E, H, dg_t, w, dx + (size_t)t * B * E, dh);
+    }
+    _tile_release();
+}
+
+#endif /* HAVE_AMX_BUILD */
+
+static int usable = -1; /* decided on first use: CPU features and OS permission */
+
+static int is_usable(void) {
+    if (usable < 0) {
+#if HAVE_AMX_BUILD
+        usable = amx_usable();
+#else
+        usable = 0;
+#endif
+    }
+    return usable;
+}
+
+static PyObject *py_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(is_usable());
+}
+
+static int check_usable(void) {
+    if (!is_usable()) {
+        PyErr_SetString(PyExc_RuntimeError, "the AMX LSTM kernel is not usable on this CPU");
+        return 0;
+    }
+    return 1;
+}
+
+#if HAVE_AMX_BUILD
+/* A mask keeping each element with probability `keep` (no mask for keep >= 1). */
+static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed) {
+    if (keep >= 1.0) return NULL;
+    m->threshold = (uint32_t)(keep * 16777216.0 + 0.5);
+    m->scale = (float)(1.0 / keep);
+    m->seed_a = (uint32_t)seed;
+    m->seed_b = (uint32_t)(seed >> 32);
+    return m;
+}
+#endif
+
+static int check_shape(int B, int E, int H) {
+    if (B <= 0 || B % 16 || E < 0 || E % 32 || H <= 0 || H % 32) {
+        PyErr_SetString(PyExc_ValueError, "AMX LSTM shapes: B % 16, E % 32 and H % 32 must be 0");
+        return 0;
+    }
+    return 1;
+}
+
+/* Pointers arrive as integers (tensor.data_ptr()); the caller owns and sizes every buffer. */
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    int T, B, E, H;
+    unsigned long long xh, w, bias, c0, saved, h_out, h_last, c_last, seed;
+    double keep;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKdK", &T, &B, &E, &H, &xh, &w, &bias, &c0, &saved,
+                          &h_out, &h_last, &c_last, &keep, &seed))
+        return NULL;
+    if (!check_usable() || !check_shape(B, E, H)) return NULL;
+#if HAVE_AMX_BUILD
+    dropout_mask mask;
+    const dropout_mask *drop = make_mask(&mask, keep, seed);
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = lstm_forward(T, B, E, H, (uint16_t *)xh, (const uint16_t *)w, (const float *)bias,
+                          (const float *)c0, (saved_block *)saved, (uint16_t *)h_out, (float *)h_last,
+                          (float *)c_last, drop);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    int T, B, E, H;
+    unsigned long long dh_out, w, saved, c0, dg, dx, dh, dc, dbias, seed;
+    double keep;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdK", &T, &B, &E, &H, &dh_out, &w, &saved, &c0, &dg,
+                          &dx, &dh, &dc, &dbias, &keep, &seed))
+        return NULL;
+    if (!check_usable() || !check_shape(B, E, H)) return NULL;
+#if HAVE_AMX_BUILD
+    dropout_mask mask;
+    const dropout_mask *drop = make_mask(&mask, keep, seed);
+    Py_BEGIN_ALLOW_THREADS
+    lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
+                  (const saved_block *)saved, (const float *)c0, (uint16_t *)dg, (uint16_t *)dx,
+                  (float *)dh, (float *)dc, (float *)dbias, drop);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"available", py_available, METH_NOARGS, "True if this CPU and OS can run the kernel."},
+    {"forward", py_forward, METH_VARARGS, "Forward of one LSTM layer over T steps."},
+    {"backward", py_backward, METH_VARARGS, "Backward of one LSTM layer over T steps."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_amx_lstm",
+                                    "AMX kernels for the LSTM recurrence.", -1, methods};
+
+PyMODINIT_FUNC PyInit__amx_lstm(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* Bytes the forward saves per unit, row and step: the caller sizes `saved` with it. */
+    if (m && PyModule_AddIntConstant(m, "SAVED_BYTES_PER_UNIT", 14) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,189 @@
+"""The LSTM recurrence on Intel AMX: each layer's whole time loop in one call of a C kernel.
+
+A character LSTM's time goes to T small sequential steps, and PyTorch's CPU LSTM (oneDNN) pays
+a fixed cost per step that dwarfs the arithmetic at these sizes. ``_amx_lstm`` (amx_lstm.c)
+runs the loop itself: each step's product [x_t | h_t-1] x [W_ih | W_hh]^T on AMX tiles in
+bf16 with fp32 sums, the gates in AVX-512 in fp32, the cell state in fp32. The weight
+gradients, which are not sequential, are one large PyTorch product per layer.
+
+It runs where PyTorch would compute the LSTM in bf16 anyway: on a CPU with AMX-BF16 (Intel
+Xeon since Sapphire Rapids), under bf16 autocast, i.e. training with ``--precision auto`` or
+``bf16``. Everything else uses torch.nn.LSTM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from charlstm import _amx_lstm
+except ImportError:  # built without a C compiler, or on a platform the kernel does not cover
+    _amx_lstm = None
+
+_ROWS, _COLUMNS = 16, 32  # the kernel wants batches in multiples of 16, widths of 32
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def available() -> bool:
+    """True if the kernel was built and this CPU and operating system can run it."""
+    return _amx_lstm is not None and _amx_lstm.available()
+
+
+def trains(cell: str, hidden_dim: int, device: torch.device, autocast: torch.dtype | None) -> bool:
+    """Whether training this model on ``device`` with ``autocast`` runs through the kernel."""
+    return (
+        cell == "lstm"
+        and hidden_dim % _COLUMNS == 0
+        and device.type == "cpu"
+        and autocast == torch.bfloat16
+        and available()
+    )
+
+
+def applies(rnn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`lstm_forward` can stand in for ``rnn(x)`` here: a plain LSTM whose hidden
+    width is a multiple of 32, on a CPU tensor, under bf16 autocast, with the kernel usable."""
+    return (
+        isinstance(rnn, nn.LSTM)
+        and x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and rnn.hidden_size % _COLUMNS == 0
+        and rnn.bias
+        and rnn.batch_first
+        and not rnn.bidirectional
+        and rnn.proj_size == 0
+        and available()
+    )
+
+
+def lstm_forward(
+    rnn: nn.LSTM,
+    x: torch.Tensor,
+    state: State | None,
+    *,
+    between: float = 0.0,
+    after: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, State]:
+    """``rnn(x, state)`` computed by the kernel, time-major: x (T, B, E) -> output (T, B, H) in
+    bf16 and the final (h, c), each (n_layers, B, H) in fp32. Differentiable in x, state and
+    weights. Dropout with rate ``between`` on each layer's output but the last, and ``after``
+    on the last; its masks are hashed from one seed per layer drawn from ``generator``."""
+    batch = x.shape[1]
+    padded = -(-batch // _ROWS) * _ROWS
+    if state is None:
+        zeros = x.new_zeros(rnn.num_layers, padded, rnn.hidden_size, dtype=torch.float32)
+        state = (zeros, zeros)
+    else:
+        state = tuple(_pad_rows(s.float(), padded, dim=1) for s in state)
+    layer_input = _pad_rows(x, padded, dim=1)
+    finals_h, finals_c = [], []
+    for layer in range(rnn.num_layers):
+        weights = [getattr(rnn, f"{name}_l{layer}") for name in _WEIGHTS]
+        rate = after if layer == rnn.num_layers - 1 else between
+        seed = int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
+        layer_input, h, c = _Layer.apply(
+            layer_input, *weights, state[0][layer], state[1][layer], rate, seed
+        )
+        finals_h.append(h)
+        finals_c.append(c)
+    return layer_input[:, :batch], (
+        torch.stack(finals_h)[:, :batch],
+        torch.stack(finals_c)[:, :batch],
+    )
+
+
+_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class _Layer(torch.autograd.Function):
+    """One LSTM layer over a whole sequence: x (T, B, E), h0 and c0 (B, H) -> out (T, B, H)
+    after dropout with ``rate`` (masks hashed from ``seed``), and h_T, c_T. B must be a
+    multiple of 16; E is padded to a multiple of 32 here."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, h0, c0, rate, seed):
+        steps, batch, width = x.shape
+        hidden = w_hh.shape[1]
+        padded = -(-width // _COLUMNS) * _COLUMNS
+        # Row t of joined holds [x_t | h_t-1]: the kernel writes each new h into the next row.
+        joined = torch.zeros(steps, batch, padded + hidden, dtype=torch.bfloat16)
+        joined[:, :, :width] = x
+        joined[0, :, padded:] = h0
+        stacked = _stacked_weights(w_ih, w_hh, padded)
+        bias = (b_ih + b_hh).float().contiguous()
+        c0 = c0.float().contiguous()
+        saved = torch.empty(
+            steps * batch * hidden * _amx_lstm.SAVED_BYTES_PER_UNIT, dtype=torch.uint8
+        )
+        out = torch.empty(steps, batch, hidden, dtype=torch.bfloat16)
+        h_last = torch.empty(batch, hidden)
+        c_last = torch.empty(batch, hidden)
+        packed = _pack(stacked.t())  # held in a name: the kernel gets bare pointers
+        buffers = (joined, packed, bias, c0, saved, out, h_last, c_last)
+        _amx_lstm.forward(steps, batch, padded, hidden, *_pointers(*buffers), 1 - rate, seed)
+        ctx.save_for_backward(joined, saved, c0, stacked)
+        ctx.sizes = steps, batch, width, padded, hidden
+        ctx.dropout = 1 - rate, seed
+        ctx.input_dtype = x.dtype
+        return out, h_last, c_last
+
+    @staticmethod
+    def backward(ctx, d_out, d_h_last, d_c_last):
+        joined, saved, c0, stacked = ctx.saved_tensors
+        steps, batch, width, padded, hidden = ctx.sizes
+        d_out = _dense(d_out, (steps, batch, hidden), torch.bfloat16)
+        d_h = _dense(d_h_last, (batch, hidden), torch.float32).clone()  # in: d h_T; out: d h_0
+        d_c = _dense(d_c_last, (batch, hidden), torch.float32).clone()
+        d_gates = torch.empty(steps, batch, 4 * hidden, dtype=torch.bfloat16)
+        d_x = torch.empty(steps, batch, padded, dtype=torch.bfloat16)
+        d_bias = torch.zeros(4 * hidden)
+        packed = _pack(stacked)
+        buffers = (d_out, packed, saved, c0, d_gates, d_x, d_h, d_c, d_bias)
+        _amx_lstm.backward(steps, batch, padded, hidden, *_pointers(*buffers), *ctx.dropout)
+        # The weight gradient sums every step's outer product: one large matrix product.
+        d_stacked = (d_gates.view(-1, 4 * hidden).t() @ joined.view(-1, padded + hidden)).float()
+        d_w_ih, d_w_hh = d_stacked[:, :width], d_stacked[:, padded:]
+        d_x = d_x[:, :, :width].to(ctx.input_dtype)
+        # Each bias gets its own tensor: a shared one would be clipped (in place) twice.
+        return d_x, d_w_ih, d_w_hh, d_bias, d_bias.clone(), d_h, d_c, None, None
+
+
+def _stacked_weights(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> torch.Tensor:
+    """[W_ih | 0 | W_hh] in bf16, (4H, padded + H): the input columns padded to ``padded``."""
+    w_ih = F.pad(w_ih.detach(), (0, padded - w_ih.shape[1]))
+    return torch.cat([w_ih, w_hh.detach()], dim=1).to(torch.bfloat16)
+
+
+def _pack(matrix: torch.Tensor) -> torch.Tensor:
+    """A (K, N) bf16 matrix in the layout the kernel's AMX B tiles load: (N/16, K/32) blocks,
+    each 16 rows of 16 (k, k+1) pairs. Given matrix.t() contiguous as (N, K), each pair is one
+    32-bit word, so the layout is a transpose of 16 x 16 blocks of words."""
+    k, n = matrix.shape
+    rows = matrix.t().contiguous().view(torch.int32)  # (N, K/2) words
+    return rows.view(n // 16, 16, k // 32, 16).permute(0, 2, 3, 1).contiguous()
+
+
+def _dense(grad: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An incoming gradient as a contiguous tensor of ``dtype``; None (unused output) as zeros."""
+    if grad is None:
+        return torch.zeros(shape, dtype=dtype)
+    return grad.to(dtype).contiguous()
+
+
+def _pad_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    extra = rows - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [0, extra]
+    return F.pad(t, pad)
+
+
+def _pointers(*tensors: torch.Tensor) -> list[int]:
+    for t in tensors:
+        assert t.is_contiguous() and t.device.type == "cpu"
+    return [t.data_ptr() for t in tensors]

@@ -1,0 +1,218 @@
+"""The AMX LSTM kernel against torch.nn.LSTM: outputs, states, gradients, dropout, training.
+
+The kernel computes its products in bf16 (as bf16 autocast does), so it is held to bf16
+tolerances against an fp32 reference. Skipped where the CPU has no AMX; the fallback tests at
+the end run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+import charlstm
+from charlstm import amx_lstm
+from charlstm.config import ModelConfig
+from charlstm.model import CharRNN
+
+needs_amx = pytest.mark.skipif(not amx_lstm.available(), reason="this CPU has no AMX-BF16")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.detach().float() - expected.detach()).norm() / expected.detach().norm())
+
+
+def make_lstm(embed: int, hidden: int, layers: int, seed: int = 0) -> torch.nn.LSTM:
+    torch.manual_seed(seed)
+    return torch.nn.LSTM(embed, hidden, layers, batch_first=True)
+
+
+def kernel(lstm, x, state=None, **dropout):
+    """The kernel on batch-first x, as torch.nn.LSTM would be called."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = amx_lstm.lstm_forward(lstm, x.transpose(0, 1), state, **dropout)
+    return out.transpose(0, 1), (h, c)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("batch", "embed", "hidden", "layers"),
+    [(32, 128, 256, 2), (5, 20, 64, 1), (17, 96, 32, 3), (48, 64, 128, 2)],
+)
+def test_forward_matches_torch_lstm(batch, embed, hidden, layers):
+    lstm = make_lstm(embed, hidden, layers)
+    x = torch.randn(batch, 40, embed)
+    state = (torch.randn(layers, batch, hidden) * 0.5, torch.randn(layers, batch, hidden))
+    expected, (h, c) = lstm(x, state)
+    got, (got_h, got_c) = kernel(lstm, x, state)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert got_h.shape == h.shape and got_h.dtype == torch.float32
+    # bf16 products: about three significant digits, the same as autocast's own LSTM.
+    assert relative_error(got, expected) < 1e-2
+    assert relative_error(got_h, h) < 1e-2
+    assert relative_error(got_c, c) < 1e-2
+    assert (got.float() - expected).abs().max() < 0.03
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("batch", "embed", "hidden", "layers"), [(32, 128, 256, 2), (7, 40, 64, 2)]
+)
+def test_gradients_match_torch_lstm(batch, embed, hidden, layers):
+    lstm = make_lstm(embed, hidden, layers)
+    x = torch.randn(batch, 30, embed, requires_grad=True)
+    h0 = (torch.randn(layers, batch, hidden) * 0.5).requires_grad_()
+    c0 = torch.randn(layers, batch, hidden).requires_grad_()
+    weights = torch.randn(batch, 30, hidden)
+    final_weights = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)
+
+    def grads(run):
+        out, (h, c) = run(lstm, x, (h0, c0))
+        objective = (out.float() * weights).sum()
+        objective = objective + (h * final_weights[0]).sum() + (c * final_weights[1]).sum()
+        inputs = [x, h0, c0, *lstm.parameters()]
+        return torch.autograd.grad(objective, inputs)
+
+    expected = grads(lambda lstm, x, state: lstm(x, state))
+    got = grads(kernel)
+    names = ["x", "h0", "c0"] + [name for name, _ in lstm.named_parameters()]
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert g.shape == e.shape, name
+        assert relative_error(g, e) < 2e-2, name
+
+
+@needs_amx
+def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
+    lstm = make_lstm(32, 64, 1)
+    x = torch.randn(64, 50, 32)
+    plain, _ = kernel(lstm, x)
+    dropped, (h, _) = kernel(lstm, x, after=0.3, generator=torch.Generator().manual_seed(4))
+    again, _ = kernel(lstm, x, after=0.3, generator=torch.Generator().manual_seed(4))
+    other, _ = kernel(lstm, x, after=0.3, generator=torch.Generator().manual_seed(5))
+    zero = dropped == 0
+    assert abs(float(zero.float().mean()) - 0.3) < 0.01
+    kept = dropped[~zero].float() / plain[~zero].float()
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.7), rtol=1e-2)
+    assert torch.equal(dropped, again)
+    assert not torch.equal(dropped, other)
+    # The final state is the layer's own, never dropped out.
+    torch.testing.assert_close(h, kernel(lstm, x)[1][0])
+
+
+@needs_amx
+def test_dropout_gradient_uses_the_forward_mask():
+    # Between layers, the backward must zero exactly the elements the forward dropped: compare
+    # with torch.nn.LSTM layers joined by the very mask the kernel drew (read off its output).
+    lstm = make_lstm(24, 64, 2)
+    first, second = make_lstm(24, 64, 1), make_lstm(64, 64, 1)
+    for name, param in lstm.named_parameters():
+        target = first if name.endswith("l0") else second
+        getattr(target, name[:-1] + "0").data.copy_(param.data)
+    x = torch.randn(16, 30, 24, requires_grad=True)
+    weights = torch.randn(16, 30, 64)
+    generator = torch.Generator().manual_seed(3)
+    out, _ = kernel(lstm, x, between=0.5, generator=generator)
+    hidden_first, _ = first(x)
+    seed_state = torch.Generator().manual_seed(3)
+    layer_one, _ = kernel(first, x, after=0.5, generator=seed_state)
+    mask = (layer_one.float() != 0).float() / 0.5
+    expected_out, _ = second(hidden_first * mask)
+    assert relative_error(out, expected_out) < 1e-2
+    got = torch.autograd.grad((out.float() * weights).sum(), [x, *lstm.parameters()])
+    expected = torch.autograd.grad(
+        (expected_out * weights).sum(), [x, *first.parameters(), *second.parameters()]
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert relative_error(g, e) < 2e-2
+
+
+@needs_amx
+def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch):
+    torch.manual_seed(0)
+    net = CharRNN(ModelConfig(embed_dim=32, hidden_dim=64, n_layers=2, dropout=0.0), 20)
+    x, y = torch.randint(0, 20, (9, 25)), torch.randint(0, 20, (9, 25))
+    calls = []
+    original = amx_lstm.lstm_forward
+    monkeypatch.setattr(
+        amx_lstm, "lstm_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state = net(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return loss, torch.autograd.grad(loss, list(net.parameters())), state
+
+    loss, grads, state = run()
+    assert calls == [1]
+    monkeypatch.setattr(amx_lstm, "available", lambda: False)
+    ref_loss, ref_grads, ref_state = run()
+    assert calls == [1]  # the fallback: torch.nn.LSTM under autocast
+    assert abs(loss.item() - ref_loss.item()) < 1e-3
+    for g, e in zip(grads, ref_grads, strict=True):
+        assert relative_error(g, e) < 3e-2
+    for s, e in zip(state, ref_state, strict=True):
+        assert relative_error(s, e.float()) < 1e-2
+
+
+@pytest.fixture
+def two_threads():
+    """Two shards of each batch, each on its own thread, as training on 2 cores runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open(encoding="utf-8")]
+    return [(r["step"], r["kind"], r["loss"]) for r in rows]
+
+
+@needs_amx
+@pytest.mark.usefixtures("two_threads")
+def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):
+    # Dropout on and two shards: every mask comes from a seed drawn in order, so a second run
+    # and a run stopped at step 60 and resumed end with the same bytes as the first.
+    settings = {"precision": "bf16", "dropout": 0.2, "schedule": "constant", "lr": 1e-2}
+    settings.update(eval_every=30, log_every=10)
+
+    def run(name, steps, **extra):
+        config = tiny_config(small_corpus, tmp_path / name, max_steps=steps, **settings, **extra)
+        return charlstm.train(config, progress=False)
+
+    first = run("first", 120)
+    assert first.best_val.loss < 2.6  # from ln(vocab) ~ 4: it learnt
+    second = run("second", 120)
+    run("split", 60)
+    run("split", 120, resume=str(tmp_path / "split"))
+    for other in ("second", "split"):
+        for name in ("best/model.safetensors", "last/model.safetensors"):
+            assert (tmp_path / other / name).read_bytes() == (first.run_dir / name).read_bytes()
+        assert metrics(tmp_path / other) == metrics(first.run_dir)
+    assert second.steps == 120
+
+
+def test_trains_only_where_the_kernel_can_run():
+    cpu = torch.device("cpu")
+    expected = amx_lstm.available()
+    assert amx_lstm.trains("lstm", 256, cpu, torch.bfloat16) is expected
+    assert not amx_lstm.trains("lstm", 256, cpu, None)  # fp32: torch.nn.LSTM
+    assert not amx_lstm.trains("gru", 256, cpu, torch.bfloat16)
+    assert not amx_lstm.trains("lstm", 100, cpu, torch.bfloat16)  # not a multiple of 32
+    assert not amx_lstm.trains("lstm", 256, torch.device("cuda"), torch.bfloat16)
+
+
+def test_fp32_and_other_cells_never_take_the_kernel(monkeypatch):
+    monkeypatch.setattr(amx_lstm, "lstm_forward", lambda *a, **k: pytest.fail("kernel used"))
+    x = torch.randint(0, 20, (3, 7))
+    lstm = CharRNN(ModelConfig(embed_dim=8, hidden_dim=32), 20)
+    lstm(x)  # fp32, no autocast
+    gru = CharRNN(ModelConfig(cell="gru", embed_dim=8, hidden_dim=32), 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gru(x)
