@@ -132,9 +132,11 @@ def test_dropout_gradient_uses_the_forward_mask():
 
 
 @needs_amx
-def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch):
+@pytest.mark.parametrize("weight_dropout", [0.0, 0.4])
+def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch, weight_dropout):
     torch.manual_seed(0)
-    net = CharRNN(ModelConfig(embed_dim=32, hidden_dim=64, n_layers=2, dropout=0.0), 20)
+    config = ModelConfig(embed_dim=32, hidden_dim=64, dropout=0.0, weight_dropout=weight_dropout)
+    net = CharRNN(config, 20)
     x, y = torch.randint(0, 20, (9, 25)), torch.randint(0, 20, (9, 25))
     calls = []
     original = amx_lstm.lstm_forward
@@ -142,9 +144,9 @@ def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypat
         amx_lstm, "lstm_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
 
-    def run():
+    def run():  # the same DropConnect masks on both paths: they come from the generator
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, state = net(x)
+            logits, state = net(x, generator=torch.Generator().manual_seed(3))
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         return loss, torch.autograd.grad(loss, list(net.parameters())), state
 
@@ -206,6 +208,12 @@ def test_trains_only_where_the_kernel_can_run():
     assert not amx_lstm.trains("gru", 256, cpu, torch.bfloat16)
     assert not amx_lstm.trains("lstm", 100, cpu, torch.bfloat16)  # not a multiple of 32
     assert not amx_lstm.trains("lstm", 256, torch.device("cuda"), torch.bfloat16)
+
+
+def test_the_environment_can_turn_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("CHARLSTM_AMX", "0")
+    assert not amx_lstm.available()
+    assert not amx_lstm.trains("lstm", 256, torch.device("cpu"), torch.bfloat16)
 
 
 def test_fp32_and_other_cells_never_take_the_kernel(monkeypatch):

@@ -272,6 +272,8 @@ RUN_CONFIG_ERRORS = [
     ({"dropout": 1.0}, "--dropout must be in [0, 1)"),
     ({"dropout": -0.1}, "--dropout must be in [0, 1)"),
     ({"dropout": float("nan")}, "--dropout must be in [0, 1)"),
+    ({"weight_dropout": 1.0}, "--weight-dropout must be in [0, 1)"),
+    ({"weight_dropout": -0.1}, "--weight-dropout must be in [0, 1)"),
     ({"data": []}, "--data needs at least one file, directory or corpus name"),
     ({"val_fraction": 0.0}, "--val-fraction must be in (0, 1)"),
     ({"val_fraction": 1.0}, "--val-fraction must be in (0, 1)"),

@@ -73,6 +73,30 @@ def test_one_layer_with_dropout(cell):
     assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
+    torch.manual_seed(0)
+    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0, weight_dropout=0.5)
+    net = CharRNN(config, VOCAB)
+    plain = CharRNN(ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0), VOCAB)
+    plain.load_state_dict(net.state_dict())
+    x = random_ids(3, 9)
+    net.train()
+    a, _ = net(x, generator=torch.Generator().manual_seed(1))
+    b, _ = net(x, generator=torch.Generator().manual_seed(1))
+    c, _ = net(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)  # the masks come from the generator
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, plain.train()(x)[0])
+    # The masked product reaches the parameter: W_hh gets a gradient, zero where masked out.
+    a.sum().backward()
+    grad = net.rnn.weight_hh_l0.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert 0.3 < float((grad == 0).float().mean()) < 0.7
+    net.eval()
+    torch.testing.assert_close(net(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+
+
 def test_inter_layer_dropout_is_passed_to_the_stack():
     net = tiny_net("gru", n_layers=2, dropout=0.3)
     assert net.rnn.dropout == pytest.approx(0.3)

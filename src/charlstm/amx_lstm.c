@@ -283,6 +283,41 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
     return 0;
 }
 
+/* r = the transpose of the 16 x 16 matrix of 32-bit words `rows`. */
+TARGET static void transpose_words(const float (*rows)[16], __m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(rows[i]);
+    for (int i = 0; i < 16; i += 2) { /* interleave 32-bit, then 64-bit, then 128-bit lanes */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* The 16 x 16 block `rows` (fp32) transposed, in bf16, into 16 rows of `out` (row stride ld). */
+TARGET static void store_columns(const float (*rows)[16], uint16_t *out, size_t ld) {
+    __m512 r[16];
+    transpose_words(rows, r);
+    for (int i = 0; i < 16; i++) store_bf16(out + (size_t)i * ld, r[i]);
+}
+
 /* out[B, N] = a[B, 4H] bf16 x w (packed [4H, N]): columns [0, E) go to dx in bf16 (row
  * stride E), columns [E, E + H) to dh in fp32 (row stride H). */
 TARGET static void backward_product(int B, int E, int H, const uint16_t *a, const uint16_t *w,
@@ -329,25 +364,33 @@ TARGET static void backward_product(int B, int E, int H, const uint16_t *a, cons
     }
 }
 
-/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg, dx, dh, dc, dbias, drop)
+/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, drop)
  *   dh_out [T, B, H] bf16: gradient of the layer's output (after dropout) at every step
  *   dh, dc [B, H] fp32: on entry the gradient of the final state, on exit that of the first
- *   dg [T, B, 4H] bf16 out: gradient of the gate pre-activations (for the weight gradients)
+ *   dg_t [4H, ld] bf16 out: the gradient of the gate pre-activations, transposed (column
+ *        t * B + b for row b at step t), so that the weight gradient is one plain product
  *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated */
-TARGET static void lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
-                                 const uint16_t *w, const saved_block *saved, const float *c0,
-                                 uint16_t *dg, uint16_t *dx, float *dh, float *dc,
-                                 float *dbias, const dropout_mask *drop) {
+TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
+                                const uint16_t *w, const saved_block *saved, const float *c0,
+                                uint16_t *dg_t, size_t ld, uint16_t *dx, float *dh, float *dc,
+                                float *dbias, const dropout_mask *drop) {
     const int G = 4 * H, units = H / 16;
     const __m512 one = _mm512_set1_ps(1.0f);
+    uint16_t *dg = aligned_alloc(64, (size_t)B * G * 2); /* this step's, row-major: an A operand */
+    float (*block)[16][16] = aligned_alloc(64, 4 * 16 * 16 * 4); /* 16 rows x 16 units x 4 gates */
+    if (!dg || !block) {
+        free(dg);
+        free(block);
+        return -1;
+    }
     configure_tiles();
     for (int t = T - 1; t >= 0; t--) {
         const saved_block *s_now = saved + (size_t)t * B * (H / 16);
         const saved_block *s_prev = t > 0 ? saved + (size_t)(t - 1) * B * (H / 16) : NULL;
-        uint16_t *dg_t = dg + (size_t)t * B * G;
         for (int u = 0; u < units; u++) {
             const int j = 16 * u;
-            __m512 si = _mm512_setzero_ps(), sf = si, sg = si, so = si;
+            __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                             _mm512_setzero_ps()};
             for (int b = 0; b < B; b++) {
                 const saved_block *s = s_now + (size_t)u * B + b;
                 const size_t k = (size_t)b * H + j;
@@ -360,30 +403,85 @@ TARGET static void lstm_backward(int T, int B, int E, int H, const uint16_t *dh_
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));
-                __m512 di = _mm512_mul_ps(_mm512_mul_ps(dct, g), _mm512_fnmadd_ps(i, i, i));
-                __m512 df = _mm512_mul_ps(_mm512_mul_ps(dct, cp), _mm512_fnmadd_ps(f, f, f));
-                __m512 dgg = _mm512_mul_ps(_mm512_mul_ps(dct, i), _mm512_fnmadd_ps(g, g, one));
-                __m512 dout = _mm512_mul_ps(_mm512_mul_ps(dht, tc), _mm512_fnmadd_ps(o, o, o));
+                __m512 d[4] = {
+                    _mm512_mul_ps(_mm512_mul_ps(dct, g), _mm512_fnmadd_ps(i, i, i)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, cp), _mm512_fnmadd_ps(f, f, f)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, i), _mm512_fnmadd_ps(g, g, one)),
+                    _mm512_mul_ps(_mm512_mul_ps(dht, tc), _mm512_fnmadd_ps(o, o, o)),
+                };
                 _mm512_storeu_ps(dc + k, _mm512_mul_ps(dct, f));
-                uint16_t *row = dg_t + (size_t)b * G + j;
-                store_bf16(row, di);
-                store_bf16(row + H, df);
-                store_bf16(row + 2 * H, dgg);
-                store_bf16(row + 3 * H, dout);
-                si = _mm512_add_ps(si, di);
-                sf = _mm512_add_ps(sf, df);
-                sg = _mm512_add_ps(sg, dgg);
-                so = _mm512_add_ps(so, dout);
+                for (int q = 0; q < 4; q++) {
+                    store_bf16(dg + (size_t)b * G + q * H + j, d[q]);
+                    _mm512_store_ps(block[q][b % 16], d[q]);
+                    sum[q] = _mm512_add_ps(sum[q], d[q]);
+                }
+                if (b % 16 == 15) /* 16 rows done: their gradients as columns of dg_t */
+                    for (int q = 0; q < 4; q++)
+                        store_columns(block[q], dg_t + (size_t)(q * H + j) * ld + (size_t)t * B +
+                                                    (b - 15), ld);
             }
-            float *db = dbias + j;
-            _mm512_storeu_ps(db, _mm512_add_ps(_mm512_loadu_ps(db), si));
-            _mm512_storeu_ps(db + H, _mm512_add_ps(_mm512_loadu_ps(db + H), sf));
-            _mm512_storeu_ps(db + 2 * H, _mm512_add_ps(_mm512_loadu_ps(db + 2 * H), sg));
-            _mm512_storeu_ps(db + 3 * H, _mm512_add_ps(_mm512_loadu_ps(db + 3 * H), so));
+            for (int q = 0; q < 4; q++) {
+                float *db = dbias + q * H + j;
+                _mm512_storeu_ps(db, _mm512_add_ps(_mm512_loadu_ps(db), sum[q]));
+            }
         }
-        backward_product(B, E, H, dg_t, w, dx + (size_t)t * B * E, dh);
+        backward_product(B, E, H, dg, w, dx + (size_t)t * B * E, dh);
     }
     _tile_release();
+    free(dg);
+    free(block);
+    return 0;
+}
+
+/* Columns [c0, c0 + 16) of row n of [W_ih | 0 | W_hh] (fp32, 4H x (E + H) with W_ih's E
+ * columns padded to Ep): a 16-column chunk lies in one of the three parts, or straddles the end
+ * of W_ih, which a masked load handles. */
+TARGET static __m512 stacked_row(const float *w_ih, int e, const float *w_hh, int ep, int h,
+                                 int n, int c0) {
+    if (c0 >= ep) return _mm512_loadu_ps(w_hh + (size_t)n * h + (c0 - ep));
+    if (c0 >= e) return _mm512_setzero_ps();
+    const __mmask16 keep = e - c0 >= 16 ? 0xffff : (__mmask16)((1u << (e - c0)) - 1);
+    return _mm512_maskz_loadu_ps(keep, w_ih + (size_t)n * e + c0);
+}
+
+/* pack(w_ih, w_hh, E, Ep, H, forward, backward): the bf16 AMX layouts of the stacked weights
+ * [W_ih | 0 | W_hh] (4H x K, K = Ep + H): `forward` packs its transpose (K x 4H), the B
+ * operand of the forward's product, `backward` the matrix itself (4H x K). */
+TARGET static void pack_weights(const float *w_ih, const float *w_hh, int e, int ep, int h,
+                                uint16_t *forward, uint16_t *backward) {
+    const int k_all = ep + h, g_all = 4 * h;
+    /* forward: block (n / 16, k / 32) row r holds the pairs (W[n][k], W[n][k + 1]) of
+     * k = 32 kc + 2r for n in the block's 16 rows: a transpose of 16 x 16 words. */
+    float words[16][16] __attribute__((aligned(64)));
+    for (int nb = 0; nb < g_all / 16; nb++)
+        for (int kc = 0; kc < k_all / 32; kc++) {
+            for (int c = 0; c < 16; c++) {
+                const int n = 16 * nb + c;
+                __m512 lo = stacked_row(w_ih, e, w_hh, ep, h, n, 32 * kc);
+                __m512 hi = stacked_row(w_ih, e, w_hh, ep, h, n, 32 * kc + 16);
+                _mm512_store_ps(words[c], _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+            }
+            uint16_t *dst = forward + ((size_t)nb * (k_all / 32) + kc) * 512;
+            __m512 r[16];
+            transpose_words(words, r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps((float *)(dst + 32 * i), r[i]);
+        }
+    /* backward: block (n / 16, k / 32) row r interleaves rows k = 32 kc + 2r and k + 1 of W at
+     * the block's 16 columns n. */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    for (int nb = 0; nb < k_all / 16; nb++)
+        for (int kc = 0; kc < g_all / 32; kc++) {
+            uint16_t *dst = backward + ((size_t)nb * (g_all / 32) + kc) * 512;
+            for (int r = 0; r < 16; r++) {
+                const int k = 32 * kc + 2 * r;
+                __m512 even = stacked_row(w_ih, e, w_hh, ep, h, k, 16 * nb);
+                __m512 odd = stacked_row(w_ih, e, w_hh, ep, h, k + 1, 16 * nb);
+                __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+                _mm512_storeu_si512(dst + 32 * r, _mm512_permutexvar_epi16(pairs, both));
+            }
+        }
 }
 
 #endif /* HAVE_AMX_BUILD */
@@ -462,19 +560,42 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
     int T, B, E, H;
-    unsigned long long dh_out, w, saved, c0, dg, dx, dh, dc, dbias, seed;
+    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, seed;
     double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdK", &T, &B, &E, &H, &dh_out, &w, &saved, &c0, &dg,
-                          &dx, &dh, &dc, &dbias, &keep, &seed))
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKdK", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
+                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &keep, &seed))
         return NULL;
     if (!check_usable() || !check_shape(B, E, H)) return NULL;
 #if HAVE_AMX_BUILD
     dropout_mask mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed);
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
-                  (const saved_block *)saved, (const float *)c0, (uint16_t *)dg, (uint16_t *)dx,
-                  (float *)dh, (float *)dc, (float *)dbias, drop);
+    failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
+                           (const saved_block *)saved, (const float *)c0, (uint16_t *)dg_t,
+                           (size_t)ld, (uint16_t *)dx, (float *)dh, (float *)dc, (float *)dbias,
+                           drop);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_pack(PyObject *self, PyObject *args) {
+    (void)self;
+    int E, Ep, H;
+    unsigned long long w_ih, w_hh, forward, backward;
+    if (!PyArg_ParseTuple(args, "KKiiiKK", &w_ih, &w_hh, &E, &Ep, &H, &forward, &backward))
+        return NULL;
+    if (!check_usable() || !check_shape(16, Ep, H)) return NULL;
+    if (E < 0 || E > Ep) {
+        PyErr_SetString(PyExc_ValueError, "pack: the input width must be within its padding");
+        return NULL;
+    }
+#if HAVE_AMX_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    pack_weights((const float *)w_ih, (const float *)w_hh, E, Ep, H, (uint16_t *)forward,
+                 (uint16_t *)backward);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
@@ -484,6 +605,7 @@ static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "True if this CPU and OS can run the kernel."},
     {"forward", py_forward, METH_VARARGS, "Forward of one LSTM layer over T steps."},
     {"backward", py_backward, METH_VARARGS, "Backward of one LSTM layer over T steps."},
+    {"pack", py_pack, METH_VARARGS, "The forward and backward AMX layouts of a layer's weights."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,10 +8,13 @@ gradients, which are not sequential, are one large PyTorch product per layer.
 
 It runs where PyTorch would compute the LSTM in bf16 anyway: on a CPU with AMX-BF16 (Intel
 Xeon since Sapphire Rapids), under bf16 autocast, i.e. training with ``--precision auto`` or
-``bf16``. Everything else uses torch.nn.LSTM.
+``bf16``. Everything else uses torch.nn.LSTM, and so does everything when the environment sets
+``CHARLSTM_AMX=0``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -28,7 +31,10 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 
 def available() -> bool:
-    """True if the kernel was built and this CPU and operating system can run it."""
+    """True if the kernel was built, this CPU and operating system can run it, and the
+    environment does not turn it off (``CHARLSTM_AMX=0``)."""
+    if os.environ.get("CHARLSTM_AMX", "1") == "0":
+        return False
     return _amx_lstm is not None and _amx_lstm.available()
 
 
@@ -68,11 +74,14 @@ def lstm_forward(
     between: float = 0.0,
     after: float = 0.0,
     generator: torch.Generator | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, State]:
     """``rnn(x, state)`` computed by the kernel, time-major: x (T, B, E) -> output (T, B, H) in
     bf16 and the final (h, c), each (n_layers, B, H) in fp32. Differentiable in x, state and
     weights. Dropout with rate ``between`` on each layer's output but the last, and ``after``
-    on the last; its masks are hashed from one seed per layer drawn from ``generator``."""
+    on the last; its masks are hashed from one seed per layer drawn from ``generator``.
+    ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
+    weights = weights or {}
     batch = x.shape[1]
     padded = -(-batch // _ROWS) * _ROWS
     if state is None:
@@ -83,11 +92,12 @@ def lstm_forward(
     layer_input = _pad_rows(x, padded, dim=1)
     finals_h, finals_c = [], []
     for layer in range(rnn.num_layers):
-        weights = [getattr(rnn, f"{name}_l{layer}") for name in _WEIGHTS]
+        names = [f"{name}_l{layer}" for name in _WEIGHTS]
+        params = [weights.get(name, getattr(rnn, name)) for name in names]
         rate = after if layer == rnn.num_layers - 1 else between
         seed = int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
         layer_input, h, c = _Layer.apply(
-            layer_input, *weights, state[0][layer], state[1][layer], rate, seed
+            layer_input, *params, state[0][layer], state[1][layer], rate, seed
         )
         finals_h.append(h)
         finals_c.append(c)
@@ -111,10 +121,11 @@ class _Layer(torch.autograd.Function):
         hidden = w_hh.shape[1]
         padded = -(-width // _COLUMNS) * _COLUMNS
         # Row t of joined holds [x_t | h_t-1]: the kernel writes each new h into the next row.
-        joined = torch.zeros(steps, batch, padded + hidden, dtype=torch.bfloat16)
+        joined = torch.empty(steps, batch, padded + hidden, dtype=torch.bfloat16)
         joined[:, :, :width] = x
+        joined[:, :, width:padded] = 0
         joined[0, :, padded:] = h0
-        stacked = _stacked_weights(w_ih, w_hh, padded)
+        forward_weights, backward_weights = _pack(w_ih, w_hh, padded)
         bias = (b_ih + b_hh).float().contiguous()
         c0 = c0.float().contiguous()
         saved = torch.empty(
@@ -123,10 +134,9 @@ class _Layer(torch.autograd.Function):
         out = torch.empty(steps, batch, hidden, dtype=torch.bfloat16)
         h_last = torch.empty(batch, hidden)
         c_last = torch.empty(batch, hidden)
-        packed = _pack(stacked.t())  # held in a name: the kernel gets bare pointers
-        buffers = (joined, packed, bias, c0, saved, out, h_last, c_last)
+        buffers = (joined, forward_weights, bias, c0, saved, out, h_last, c_last)
         _amx_lstm.forward(steps, batch, padded, hidden, *_pointers(*buffers), 1 - rate, seed)
-        ctx.save_for_backward(joined, saved, c0, stacked)
+        ctx.save_for_backward(joined, saved, c0, backward_weights)
         ctx.sizes = steps, batch, width, padded, hidden
         ctx.dropout = 1 - rate, seed
         ctx.input_dtype = x.dtype
@@ -134,38 +144,44 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_h_last, d_c_last):
-        joined, saved, c0, stacked = ctx.saved_tensors
+        joined, saved, c0, backward_weights = ctx.saved_tensors
         steps, batch, width, padded, hidden = ctx.sizes
+        rows = steps * batch
         d_out = _dense(d_out, (steps, batch, hidden), torch.bfloat16)
         d_h = _dense(d_h_last, (batch, hidden), torch.float32).clone()  # in: d h_T; out: d h_0
         d_c = _dense(d_c_last, (batch, hidden), torch.float32).clone()
-        d_gates = torch.empty(steps, batch, 4 * hidden, dtype=torch.bfloat16)
+        # The gates' gradient, transposed: (4H, rows), each row padded by 64 bytes so that the
+        # kernel's 16-row column writes fall in different cache sets.
+        d_gates = torch.empty(4 * hidden, rows + 32, dtype=torch.bfloat16)
         d_x = torch.empty(steps, batch, padded, dtype=torch.bfloat16)
         d_bias = torch.zeros(4 * hidden)
-        packed = _pack(stacked)
-        buffers = (d_out, packed, saved, c0, d_gates, d_x, d_h, d_c, d_bias)
-        _amx_lstm.backward(steps, batch, padded, hidden, *_pointers(*buffers), *ctx.dropout)
+        buffers = (d_out, backward_weights, saved, c0, d_gates)
+        _amx_lstm.backward(
+            steps, batch, padded, hidden, *_pointers(*buffers), d_gates.stride(0),
+            *_pointers(d_x, d_h, d_c, d_bias), *ctx.dropout,
+        )  # fmt: skip
         # The weight gradient sums every step's outer product: one large matrix product.
-        d_stacked = (d_gates.view(-1, 4 * hidden).t() @ joined.view(-1, padded + hidden)).float()
+        d_stacked = (d_gates[:, :rows] @ joined.view(rows, padded + hidden)).float()
         d_w_ih, d_w_hh = d_stacked[:, :width], d_stacked[:, padded:]
         d_x = d_x[:, :, :width].to(ctx.input_dtype)
         # Each bias gets its own tensor: a shared one would be clipped (in place) twice.
         return d_x, d_w_ih, d_w_hh, d_bias, d_bias.clone(), d_h, d_c, None, None
 
 
-def _stacked_weights(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> torch.Tensor:
-    """[W_ih | 0 | W_hh] in bf16, (4H, padded + H): the input columns padded to ``padded``."""
-    w_ih = F.pad(w_ih.detach(), (0, padded - w_ih.shape[1]))
-    return torch.cat([w_ih, w_hh.detach()], dim=1).to(torch.bfloat16)
-
-
-def _pack(matrix: torch.Tensor) -> torch.Tensor:
-    """A (K, N) bf16 matrix in the layout the kernel's AMX B tiles load: (N/16, K/32) blocks,
-    each 16 rows of 16 (k, k+1) pairs. Given matrix.t() contiguous as (N, K), each pair is one
-    32-bit word, so the layout is a transpose of 16 x 16 blocks of words."""
-    k, n = matrix.shape
-    rows = matrix.t().contiguous().view(torch.int32)  # (N, K/2) words
-    return rows.view(n // 16, 16, k // 32, 16).permute(0, 2, 3, 1).contiguous()
+def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weights [W_ih | 0 | W_hh] (W_ih's columns padded to ``padded``) in bf16, in
+    the layouts the kernel's AMX B tiles load: transposed for the forward, as is for the
+    backward."""
+    gates, width = w_ih.shape
+    w_ih = w_ih.detach().float().contiguous()
+    w_hh = w_hh.detach().float().contiguous()
+    forward = torch.empty(gates * (padded + w_hh.shape[1]), dtype=torch.bfloat16)
+    backward = torch.empty_like(forward)
+    _amx_lstm.pack(
+        w_ih.data_ptr(), w_hh.data_ptr(), width, padded, w_hh.shape[1],
+        forward.data_ptr(), backward.data_ptr(),
+    )  # fmt: skip
+    return forward, backward
 
 
 def _dense(grad: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

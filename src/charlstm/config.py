@@ -68,6 +68,11 @@ class ModelConfig:
     hidden_dim: int = option(256, "hidden units per recurrent layer")
     n_layers: int = option(2, "number of stacked recurrent layers")
     dropout: float = option(0.2, "dropout between layers and before the output head, in [0, 1)")
+    weight_dropout: float = option(
+        0.0,
+        "DropConnect on the recurrent weights: the fraction of W_hh entries zeroed for each "
+        "batch, in [0, 1)",
+    )
 
     def validate(self) -> None:
         """Raise CharLSTMError for shapes that cannot build a network."""
@@ -75,6 +80,7 @@ class ModelConfig:
         for name in ("embed_dim", "hidden_dim", "n_layers"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        _require(0 <= self.weight_dropout < 1, "--weight-dropout must be in [0, 1)")
 
 
 @dataclass

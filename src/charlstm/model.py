@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from charlstm import amx_lstm
 from charlstm.config import ModelConfig
@@ -54,17 +55,32 @@ class CharRNN(nn.Module):
         on the AMX path), so that threads training shards of one batch stay reproducible.
         """
         p = self.drop.p if self.training else 0.0
+        weights = self._recurrent_weights(generator)
         if amx_lstm.applies(self.rnn, x):  # bf16 autocast on an AMX CPU: the fused kernel
             # Time-major there, so that each step's rows lie together in memory.
             between = self.rnn.dropout if self.training else 0.0
             out, new_state = amx_lstm.lstm_forward(
-                self.rnn, self.embed(x.t()), state, between=between, after=p, generator=generator
-            )
+                self.rnn, self.embed(x.t()), state, between=between, after=p,
+                generator=generator, weights=weights,
+            )  # fmt: skip
             return self.head(out).transpose(0, 1), new_state
         emb = self.embed(x)  # (B, T, E)
-        out, new_state = self.rnn(emb, _unpack(state, self.config.cell))  # (B, T, H)
+        arguments = (emb, _unpack(state, self.config.cell))
+        if weights:
+            out, new_state = functional_call(self.rnn, weights, arguments)
+        else:
+            out, new_state = self.rnn(*arguments)  # (B, T, H)
         logits = self.head(dropout(out, p, generator))  # (B, T, V)
         return logits, _pack(new_state)
+
+    def _recurrent_weights(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """In training with --weight-dropout, each layer's W_hh with a fresh mask (one mask for
+        the whole batch and every step of it); otherwise nothing to replace."""
+        p = self.config.weight_dropout
+        if not self.training or p == 0:
+            return {}
+        names = [f"weight_hh_l{layer}" for layer in range(self.config.n_layers)]
+        return {name: dropout(getattr(self.rnn, name), p, generator) for name in names}
 
     def initial_state(self, batch_size: int) -> State:
         """An all-zero state for ``batch_size`` streams, on the model's device and dtype."""
