@@ -5,7 +5,8 @@
  * Library kernels pay a fixed cost per call that dwarfs the arithmetic at these sizes, so this
  * file runs the whole loop in one call: each step's product on AMX tiles (bf16 inputs, fp32
  * sums) with the input projection folded in, and the gates in AVX-512 on tiles still in L1.
- * Everything that is not sequential in time (weight gradients) is left to PyTorch.
+ * What is not sequential in time, the weight gradient, is left to one large PyTorch product,
+ * for which the backward writes the gates' gradient transposed.
  *
  * Layouts (row-major unless stated; B is a multiple of 16, H of 32, K = E + H with E a
  * multiple of 32; gate order i, f, g, o as in torch.nn.LSTM):
@@ -49,12 +50,17 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* AMX and AVX-512 BF16 present, and the kernel willing to hand this process tile state. */
+/* AMX and AVX-512 (F, BW, VL, BF16) present, the OS saving AVX-512 state, and the kernel
+ * willing to hand this process tile state. */
 static int amx_usable(void) {
-    unsigned a, b, c, d;
+    unsigned a, b, c, d, xcr0_low, xcr0_high;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
+    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & 0xe6) != 0xe6) return 0; /* SSE, AVX and AVX-512 state enabled */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    int avx512f = (b >> 16) & 1, amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    if (!avx512f || !amx_bf16 || !amx_tile) return 0;
+    int avx512 = (b >> 16) & (b >> 30) & (b >> 31) & 1; /* F, BW, VL */
+    int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    if (!avx512 || !amx_bf16 || !amx_tile) return 0;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return 0; /* avx512_bf16 */
     const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
     return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
@@ -609,8 +615,13 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_amx_lstm",
-                                    "AMX kernels for the LSTM recurrence.", -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_amx_lstm",
+    .m_doc = "AMX kernels for the LSTM recurrence.",
+    .m_size = -1,
+    .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__amx_lstm(void) {
     PyObject *m = PyModule_Create(&module);
