@@ -391,3 +391,13 @@ def test_fast_path_runs_the_module_only_for_the_prompt():
     finally:
         handle.remove()
     assert calls == [torch.Size([1, len(PROMPT)])]
+
+
+def test_stepping_records_no_autograd_graph_between_characters():
+    net = tiny_net()
+    steps = generate_ids(net, PROMPT, 5, seed=0, fast=False)
+    next(steps)
+    next(steps)  # one module step, run while the caller is in ordinary grad mode
+    state = steps.gi_frame.f_locals["step"].state
+    assert torch.is_grad_enabled()
+    assert not any(part.requires_grad for part in state)
