@@ -160,12 +160,9 @@ class NumpyStepper:
                 weights = (w_ih + b_hh, None, w_hh.T, None)
             else:
                 weights = (np.concatenate([w_ih, w_hh.T]), b_ih + b_hh, None, None)
-            lookup, *rest = weights
-            if layer == 0:
-                lookup = np.ascontiguousarray(lookup)
-            else:
-                lookup = _right_operand(lookup, len(h[0]))
-            self.layers.append((lookup, *(_right_operand(a, len(h[0])) for a in rest)))
+            w_in, *rest = weights  # layer 0's w_in is a table indexed by rows, not a product
+            w_in = np.ascontiguousarray(w_in) if layer == 0 else _right_operand(w_in, len(h[0]))
+            self.layers.append((w_in, *(_right_operand(a, len(h[0])) for a in rest)))
         self.head_weight = _right_operand(_array(net.head.weight).T, len(h[0]))
         self.head_bias = _array(net.head.bias)
 
