@@ -4,10 +4,14 @@
 
 Every loop trains the 2-layer, 256-unit LSTM with 128-d embeddings on Tiny Shakespeare with
 batches of 64 x 128 for the same number of steps (so the same number of characters), in this
-process: the plain loop; charlstm's defaults (dropout 0.2); charlstm without dropout; and
-charlstm's defaults with its AMX kernel turned off (``CHARLSTM_AMX=0``: torch.nn.LSTM in bf16
-autocast), which shows what the kernel contributes. The loops take turns ``--rounds`` times and
+process: the plain loop; charlstm's defaults (dropout 0.2); charlstm without dropout;
+charlstm's defaults with its fused LSTM kernel turned off (``CHARLSTM_FUSED=0``: torch.nn.LSTM
+in bf16 autocast), which shows what the kernel contributes; and on a CPU with AMX, the kernel
+on its other back end (``CHARLSTM_FUSED=avx512``). The loops take turns ``--rounds`` times and
 each reports its fastest round: on a shared machine the slower rounds measure the neighbours.
+The plain loop runs in a fresh interpreter each time, so that nothing charlstm sets for its
+own process reaches it: above all the allocator setting that keeps freed memory in the
+process (``charlstm.device.keep_freed_memory``), which a second plain row adds on purpose.
 Prints characters per second, achieved GFLOP/s against this machine's measured matmul peak, and
 the validation loss each reached (over the whole held-out 10% as one stream, the same evaluator
 for all), with charlstm's figures as ratios to the plain loop's.
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +34,9 @@ from plain import PlainTrainer
 
 import charlstm
 from charlstm.config import ModelConfig
+from charlstm.device import keep_freed_memory
 from charlstm.evaluate import evaluate_ids
+from charlstm.fused_lstm import _fused_lstm
 from charlstm.model import CharRNN
 
 BATCH, SEQ = 64, 128
@@ -44,9 +52,9 @@ def flops_per_trained_char(config: ModelConfig, vocab: int) -> float:
     return 2 * 3 * forward
 
 
-def ours(steps: int, work: Path, dropout: float, kernel: bool) -> tuple[float, CharRNN]:
-    """Characters per second of charlstm's training with ``dropout`` (the AMX kernel on or
-    off), and the trained network."""
+def ours(steps: int, work: Path, dropout: float, kernel: str) -> tuple[float, CharRNN]:
+    """Characters per second of charlstm's training with ``dropout`` and ``CHARLSTM_FUSED``
+    set to ``kernel``, and the trained network."""
     config = charlstm.RunConfig().with_overrides(
         {"data": [str(corpus_path())], "out": str(work / "ours"), "max_steps": steps,
          "eval_every": 10 * steps, "log_every": 10, "sample_length": 0,
@@ -54,11 +62,11 @@ def ours(steps: int, work: Path, dropout: float, kernel: bool) -> tuple[float, C
          "cell": "lstm", "embed_dim": 128, "hidden_dim": 256, "n_layers": 2,
          "batch_size": BATCH, "seq_len": SEQ, "dropout": dropout}
     )  # fmt: skip
-    os.environ["CHARLSTM_AMX"] = "1" if kernel else "0"
+    os.environ["CHARLSTM_FUSED"] = kernel
     try:
         result = charlstm.train(config, progress=False)
     finally:
-        del os.environ["CHARLSTM_AMX"]
+        del os.environ["CHARLSTM_FUSED"]
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     speeds = [r["chars_per_s"] for r in records if r["kind"] == "train"][1:]  # skip warm-up
@@ -74,6 +82,22 @@ def plain(steps: int, train_ids: torch.Tensor, vocab: int) -> tuple[float, Plain
     return (steps - 1) * BATCH * SEQ / (time.perf_counter() - start), trainer
 
 
+def plain_in_fresh_process(steps: int, tuned_allocator: bool) -> tuple[float, float]:
+    """(chars/s, validation loss) of the plain loop in a new interpreter, with charlstm's
+    allocator setting if ``tuned_allocator``."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_plain_job, steps, tuned_allocator).result()
+
+
+def _plain_job(steps: int, tuned_allocator: bool) -> tuple[float, float]:
+    if tuned_allocator:
+        keep_freed_memory()
+    train_ids, val_ids, vocab = encoded_corpus()
+    speed, trainer = plain(steps, train_ids, vocab)
+    return speed, evaluate_ids(plain_as_charrnn(trainer, vocab), [val_ids.numpy()]).loss
+
+
 def plain_as_charrnn(trainer: PlainTrainer, vocab: int) -> CharRNN:
     """The plain model's weights in a CharRNN, so both are scored by the same evaluator."""
     net = CharRNN(ModelConfig(dropout=0.0), vocab)
@@ -83,11 +107,17 @@ def plain_as_charrnn(trainer: PlainTrainer, vocab: int) -> CharRNN:
     return net
 
 
-VARIANTS = {  # name: (dropout, AMX kernel)
-    "charlstm defaults (dropout 0.2)": (ModelConfig().dropout, True),
-    "charlstm, dropout 0": (0.0, True),
-    "charlstm defaults, CHARLSTM_AMX=0 (torch.nn.LSTM)": (ModelConfig().dropout, False),
+PLAIN = {  # name: with charlstm's allocator setting; the first is the baseline
+    "plain (fp32, random windows, AdamW 3e-4)": False,
+    "plain, keeping freed memory as charlstm does": True,
 }
+VARIANTS = {  # name: (dropout, CHARLSTM_FUSED)
+    "charlstm defaults (dropout 0.2)": (ModelConfig().dropout, "1"),
+    "charlstm, dropout 0": (0.0, "1"),
+    "charlstm defaults, CHARLSTM_FUSED=0 (torch.nn.LSTM)": (ModelConfig().dropout, "0"),
+}
+if _fused_lstm is not None and "amx" in _fused_lstm.backends():
+    VARIANTS["charlstm defaults, CHARLSTM_FUSED=avx512"] = (ModelConfig().dropout, "avx512")
 
 
 def main() -> None:
@@ -95,18 +125,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps for each")
     parser.add_argument("--rounds", type=int, default=2, help="turns each loop takes")
     args = parser.parse_args()
-    train_ids, val_ids, vocab = encoded_corpus()
+    _, val_ids, vocab = encoded_corpus()
     flops = flops_per_trained_char(ModelConfig(), vocab)
     val = val_ids.numpy()
-    speeds: dict[str, list[float]] = {name: [] for name in ["plain", *VARIANTS]}
+    speeds: dict[str, list[float]] = {name: [] for name in [*PLAIN, *VARIANTS]}
     losses: dict[str, float] = {}
     peaks = {"fp32": 0.0, "bf16": 0.0}
     for _ in range(args.rounds):
         peaks["fp32"] = max(peaks["fp32"], matmul_peak_gflops(torch.float32))
         peaks["bf16"] = max(peaks["bf16"], matmul_peak_gflops(torch.bfloat16))
-        speed, trainer = plain(args.steps, train_ids, vocab)
-        speeds["plain"].append(speed)
-        losses["plain"] = evaluate_ids(plain_as_charrnn(trainer, vocab), [val]).loss
+        for name, tuned_allocator in PLAIN.items():
+            speed, losses[name] = plain_in_fresh_process(args.steps, tuned_allocator)
+            speeds[name].append(speed)
         for name, (dropout, kernel) in VARIANTS.items():
             with tempfile.TemporaryDirectory() as work:
                 speed, net = ours(args.steps, Path(work), dropout, kernel)
@@ -118,14 +148,13 @@ def main() -> None:
           f"{flops / 1e6:.2f} MFLOP per trained character; {args.steps} steps of "
           f"{BATCH} x {SEQ} each; fastest of {args.rounds} rounds")  # fmt: skip
     precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    plain_speed = max(speeds["plain"])
+    plain_speed = max(speeds[next(iter(PLAIN))])
     rows = []
     for name, measured in speeds.items():
-        dtype = "fp32" if name == "plain" else precision
+        dtype = "fp32" if name in PLAIN else precision
         speed = max(measured)
         achieved = speed * flops / 1e9
-        label = "plain (fp32, random windows, AdamW 3e-4)" if name == "plain" else name
-        rows.append([label, speed, achieved, f"{achieved / peaks[dtype]:.0%} of {dtype}",
+        rows.append([name, speed, achieved, f"{achieved / peaks[dtype]:.0%} of {dtype}",
                      losses[name], f"{speed / plain_speed:.2f}x"])  # fmt: skip
     headers = ["loop", "chars/s", "GFLOP/s", "of matmul peak", "val loss after", "speed vs plain"]
     print_table(headers, rows)

@@ -291,6 +291,8 @@ RUN_CONFIG_ERRORS = [
     ({"warmup_steps": -1}, "--warmup-steps must not be negative"),
     ({"min_lr_ratio": 1.5}, "--min-lr-ratio must be in [0, 1]"),
     ({"grad_clip": -1.0}, "--grad-clip must not be negative (0 turns it off)"),
+    ({"ema": 1.0}, "--ema must be in [0, 1) (0 turns it off)"),
+    ({"ema": -0.5}, "--ema must be in [0, 1) (0 turns it off)"),
     ({"max_steps": 0}, "--max-steps must be at least 1"),
     ({"max_epochs": 0.0}, "--max-epochs must be above 0"),
     ({"sample_length": -1}, "--sample-length must not be negative"),

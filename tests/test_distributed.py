@@ -219,9 +219,12 @@ def test_every_process_holds_the_same_parameters(two_processes):
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-    # ...which is what rank 0 saved, and a model that learnt something.
-    saved = load_file(two_processes / "last" / "model.safetensors")
-    assert all(torch.equal(saved[name], ranks[0][name]) for name in saved)
+    # ...which is what rank 0 saved to train on (model.safetensors holds their average), and a
+    # model that learnt something.
+    saved = load_file(two_processes / "last" / "resume.safetensors")
+    weights = {name[len("train.") :]: v for name, v in saved.items() if name.startswith("train.")}
+    assert weights.keys() == ranks[0].keys()
+    assert all(torch.equal(weights[name], ranks[0][name]) for name in weights)
     assert by_step(two_processes, "train")[60]["loss"] < by_step(two_processes, "train")[1]["loss"]
     # The validation loss is all-reduced: both processes hold the same number, to the bit.
     best = []

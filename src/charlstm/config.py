@@ -140,6 +140,11 @@ class TrainConfig:
     )
     min_lr_ratio: float = option(0.1, "final learning rate of the cosine schedule, as a fraction")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    ema: float = option(
+        0.99,
+        "decay of an exponential moving average of the weights, the model that evaluation, "
+        "checkpoints and sampling use (0 = off: the weights as trained)",
+    )
     max_steps: int | None = option(None, "stop after this many optimizer steps")
     max_epochs: float | None = option(None, "stop after this many passes over the training text")
     time_budget: str | None = option(
@@ -189,6 +194,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
         _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must not be negative (0 turns it off)")
+        _require(0 <= self.ema < 1, "--ema must be in [0, 1) (0 turns it off)")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         _require(self.max_epochs is None or self.max_epochs > 0, "--max-epochs must be above 0")
         _require(self.sample_length >= 0, "--sample-length must not be negative")

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from charlstm import amx_lstm
+from charlstm import fused_lstm
 from charlstm.config import ModelConfig
 
 # The recurrent state: (h, c) for an LSTM, (h,) for a GRU or RNN; each tensor is
@@ -52,15 +52,15 @@ class CharRNN(nn.Module):
         x: (B, T) integer ids; state: from :meth:`initial_state` or a previous call, or None
         for zeros. Returns logits (B, T, vocab_size) and the new state. ``generator``, if
         given, draws the dropout masks that torch.nn.LSTM does not draw itself (all of them
-        on the AMX path), so that threads training shards of one batch stay reproducible.
+        on the fused-kernel path), so that threads training shards of one batch stay reproducible.
         """
         p = self.drop.p if self.training else 0.0
         weights = self._recurrent_weights(generator)
-        if amx_lstm.applies(self.rnn, x):  # bf16 autocast on an AMX CPU: the fused kernel
+        if fused_lstm.applies(self.rnn, x):  # bf16 autocast on a CPU the kernel runs on
             # Time-major there, so that each step's rows lie together in memory.
             between = self.rnn.dropout if self.training else 0.0
-            out, new_state = amx_lstm.lstm_forward(
-                self.rnn, self.embed(x.t()), state, between=between, after=p,
+            out, new_state = fused_lstm.lstm_forward(
+                self.rnn, x.t(), state, embedding=self.embed.weight, between=between, after=p,
                 generator=generator, weights=weights,
             )  # fmt: skip
             return self.head(out).transpose(0, 1), new_state

@@ -71,7 +71,7 @@ class Shards:
 
 
 def shard_count(device: torch.device, batch_size: int, dropout: float, fused: bool) -> int:
-    """One shard per CPU thread; one on GPUs. With dropout, only where the AMX kernel runs the
+    """One shard per CPU thread; one on GPUs. With dropout, only where the fused kernel runs the
     LSTM (``fused``): torch.nn.LSTM draws its masks from the one global generator, in an order
     that would depend on thread timing."""
     if device.type != "cpu" or (dropout > 0 and not fused):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from charlstm import amx_lstm, distributed
+from charlstm import distributed, fused_lstm
 from charlstm.batching import IGNORE, make_batcher
 from charlstm.checkpoint import (
     read_checkpoint,
@@ -38,6 +38,7 @@ from charlstm.config import RunConfig, TrainConfig
 from charlstm.data import Corpus, load_corpus
 from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device
 from charlstm.distributed import World
+from charlstm.ema import WeightAverage
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult, eval_result, score_ids
 from charlstm.lm import CharLM
@@ -47,6 +48,9 @@ from charlstm.shards import Shards, shard_count
 
 # What a run directory may hold before its first last/ checkpoint (best/ and the curves come first).
 PRE_CHECKPOINT_FILES = frozenset({METRICS_FILE, CURVES_FILE, "best"})
+# Where resume.safetensors keeps the weights being trained when model.safetensors holds their
+# average (--ema).
+TRAINING_WEIGHTS = "train."
 # Settings a resumed run may change: they steer when to stop and what to log, not what is learnt.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "max_epochs", "time_budget", "eval_every", "log_every", "device", "out",
@@ -167,9 +171,10 @@ class _Trainer:
         self.ddp = world.wrap(net)
         self.optimizer = _make_optimizer(net, self.tc)
         self.params = [p for p in net.parameters() if p.requires_grad]
+        self.average = WeightAverage(net, self.tc.ema) if self.tc.ema > 0 else None
         self.autocast = autocast_dtype(device, self.tc.precision)
         mc = config.model
-        fused = amx_lstm.trains(mc.cell, mc.hidden_dim, device, self.autocast)
+        fused = fused_lstm.trains(mc.cell, mc.hidden_dim, device, self.autocast)
         shards = shard_count(device, self.tc.batch_size, mc.dropout, fused)
         self.shards = Shards(1 if self.ddp is not None else shards)
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
@@ -288,6 +293,8 @@ class _Trainer:
             group["lr"] = self._lr()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.step)
         self.state = new_state
         self.step += 1
         return value
@@ -408,7 +415,8 @@ class _Trainer:
         began = time.monotonic()
         # Each process scores its share of the validation text; the sums make the same whole.
         part = (self.world.rank, self.world.size)
-        nats, count = score_ids(self.net, [self.corpus.val], part=part)
+        with self._averaged():  # the model a run reports and saves
+            nats, count = score_ids(self.net, [self.corpus.val], part=part)
         nats, count = self.world.sum([nats, count])
         result = eval_result(nats, int(count))
         if not math.isfinite(result.perplexity):
@@ -472,11 +480,22 @@ class _Trainer:
             directory,
             config=self.config,
             vocab=self.corpus.vocab,
-            weights=self.net.state_dict(),
+            weights=self._model_weights(),
             info=info,
             resume_tensors=resume_tensors,
             resume_json=resume_json,
         )
+
+    def _model_weights(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint's model.safetensors holds: the weight average, if one is kept."""
+        weights = self.net.state_dict()
+        if self.average is not None:
+            weights.update(self.average.average)
+        return weights
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The weight average in the network for the duration (nothing to do without one)."""
+        return contextlib.nullcontext() if self.average is None else self.average.applied()
 
     def _resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         # Under torchrun, every process's generators and carried state are gathered (rank 0
@@ -495,6 +514,9 @@ class _Trainer:
         for index, values in optimizer["state"].items():
             for key, value in values.items():
                 tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        if self.average is not None:  # model.safetensors holds the average: these go on
+            for name, value in self.average.training_weights().items():
+                tensors[f"{TRAINING_WEIGHTS}{name}"] = value
         json_state = {
             "step": self.step,
             "elapsed": self.elapsed(),
@@ -512,6 +534,10 @@ class _Trainer:
         """Continue from a ``last/`` checkpoint: weights, optimizer, clock, data position, RNG."""
         tensors, state = read_resume_state(directory)
         self.net.load_state_dict(weights)
+        if self.average is not None:
+            prefix = len(TRAINING_WEIGHTS)
+            training = {k[prefix:]: v for k, v in tensors.items() if k.startswith(TRAINING_WEIGHTS)}
+            self.average.restore(weights, training or weights)
         optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in tensors.items():
             if name.startswith("optim."):

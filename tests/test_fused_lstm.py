@@ -1,8 +1,9 @@
-"""The AMX LSTM kernel against torch.nn.LSTM: outputs, states, gradients, dropout, training.
+"""The fused LSTM kernel against torch.nn.LSTM: outputs, states, gradients, dropout, training.
 
 The kernel computes its products in bf16 (as bf16 autocast does), so it is held to bf16
-tolerances against an fp32 reference. Skipped where the CPU has no AMX; the fallback tests at
-the end run everywhere.
+tolerances against an fp32 reference. Each test runs once for every back end this CPU has
+(AMX, AVX-512 BF16), and is skipped where it has neither; the fallback tests at the end run
+everywhere.
 """
 
 from __future__ import annotations
@@ -15,12 +16,23 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 import charlstm
-from charlstm import amx_lstm
+from charlstm import fused_lstm
 from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
 
-needs_amx = pytest.mark.skipif(not amx_lstm.available(), reason="this CPU has no AMX-BF16")
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKENDS = fused_lstm._fused_lstm.backends() if fused_lstm._fused_lstm is not None else ()
+
+
+@pytest.fixture(
+    params=BACKENDS or [pytest.param(None, marks=pytest.mark.skip("no AMX/AVX-512 BF16"))]
+)
+def backend(request, monkeypatch):
+    """Each back end this CPU can run, chosen through the environment as a user would."""
+    monkeypatch.setenv("CHARLSTM_FUSED", request.param)
+    assert fused_lstm.backend() == request.param
+    return request.param
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -35,11 +47,11 @@ def make_lstm(embed: int, hidden: int, layers: int, seed: int = 0) -> torch.nn.L
 def kernel(lstm, x, state=None, **dropout):
     """The kernel on batch-first x, as torch.nn.LSTM would be called."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, (h, c) = amx_lstm.lstm_forward(lstm, x.transpose(0, 1), state, **dropout)
+        out, (h, c) = fused_lstm.lstm_forward(lstm, x.transpose(0, 1), state, **dropout)
     return out.transpose(0, 1), (h, c)
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize(
     ("batch", "embed", "hidden", "layers"),
     [(32, 128, 256, 2), (5, 20, 64, 1), (17, 96, 32, 3), (48, 64, 128, 2)],
@@ -59,7 +71,7 @@ def test_forward_matches_torch_lstm(batch, embed, hidden, layers):
     assert (got.float() - expected).abs().max() < 0.03
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize(
     ("batch", "embed", "hidden", "layers"), [(32, 128, 256, 2), (7, 40, 64, 2)]
 )
@@ -86,7 +98,41 @@ def test_gradients_match_torch_lstm(batch, embed, hidden, layers):
         assert relative_error(g, e) < 2e-2, name
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize(("batch", "layers"), [(32, 2), (5, 1)])
+def test_ids_with_an_embedding_match_torch_lstm_on_the_embedded_input(batch, layers):
+    # The first layer looks W_ih x + b up in a table instead of multiplying: the same function
+    # and the same gradients, the embedding's included.
+    lstm = make_lstm(48, 64, layers)
+    embedding = torch.randn(30, 48, requires_grad=True)
+    ids = torch.randint(0, 30, (batch, 25))
+    ids[0, :3] = 29  # a repeated id: its table row gathers gradient from several positions
+    state = (torch.randn(layers, batch, 64) * 0.5, torch.randn(layers, batch, 64))
+    weights = torch.randn(batch, 25, 64)
+
+    def run(use_kernel):
+        if use_kernel:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, (h, c) = fused_lstm.lstm_forward(lstm, ids.t(), state, embedding=embedding)
+            out = out.transpose(0, 1)
+        else:
+            out, (h, c) = lstm(F.embedding(ids, embedding), state)
+        objective = (out.float() * weights).sum() + h.sum() - c.sum()
+        return out, h, torch.autograd.grad(objective, [embedding, *lstm.parameters()])
+
+    got, got_h, got_grads = run(True)
+    expected, h, expected_grads = run(False)
+    assert relative_error(got, expected) < 1e-2
+    assert relative_error(got_h, h) < 1e-2
+    names = ["embedding"] + [name for name, _ in lstm.named_parameters()]
+    for name, g, e in zip(names, got_grads, expected_grads, strict=True):
+        assert g.shape == e.shape, name
+        assert relative_error(g, e) < 2e-2, name
+    biases = [g for name, g in zip(names, got_grads, strict=True) if name.startswith("bias")]
+    assert len({g.data_ptr() for g in biases}) == len(biases)  # clipping scales each once
+
+
+@pytest.mark.usefixtures("backend")
 def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
     lstm = make_lstm(32, 64, 1)
     x = torch.randn(64, 50, 32)
@@ -104,7 +150,7 @@ def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
     torch.testing.assert_close(h, kernel(lstm, x)[1][0])
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
 def test_dropout_gradient_uses_the_forward_mask():
     # Between layers, the backward must zero exactly the elements the forward dropped: compare
     # with torch.nn.LSTM layers joined by the very mask the kernel drew (read off its output).
@@ -131,7 +177,7 @@ def test_dropout_gradient_uses_the_forward_mask():
         assert relative_error(g, e) < 2e-2
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("weight_dropout", [0.0, 0.4])
 def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch, weight_dropout):
     torch.manual_seed(0)
@@ -139,9 +185,9 @@ def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypat
     net = CharRNN(config, 20)
     x, y = torch.randint(0, 20, (9, 25)), torch.randint(0, 20, (9, 25))
     calls = []
-    original = amx_lstm.lstm_forward
+    original = fused_lstm.lstm_forward
     monkeypatch.setattr(
-        amx_lstm, "lstm_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
+        fused_lstm, "lstm_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
 
     def run():  # the same DropConnect masks on both paths: they come from the generator
@@ -152,7 +198,7 @@ def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypat
 
     loss, grads, state = run()
     assert calls == [1]
-    monkeypatch.setattr(amx_lstm, "available", lambda: False)
+    monkeypatch.setattr(fused_lstm, "available", lambda: False)
     ref_loss, ref_grads, ref_state = run()
     assert calls == [1]  # the fallback: torch.nn.LSTM under autocast
     assert abs(loss.item() - ref_loss.item()) < 1e-3
@@ -176,7 +222,7 @@ def metrics(run_dir):
     return [(r["step"], r["kind"], r["loss"]) for r in rows]
 
 
-@needs_amx
+@pytest.mark.usefixtures("backend")
 @pytest.mark.usefixtures("two_threads")
 def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):
     # Dropout on and two shards: every mask comes from a seed drawn in order, so a second run
@@ -202,22 +248,32 @@ def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_co
 
 def test_trains_only_where_the_kernel_can_run():
     cpu = torch.device("cpu")
-    expected = amx_lstm.available()
-    assert amx_lstm.trains("lstm", 256, cpu, torch.bfloat16) is expected
-    assert not amx_lstm.trains("lstm", 256, cpu, None)  # fp32: torch.nn.LSTM
-    assert not amx_lstm.trains("gru", 256, cpu, torch.bfloat16)
-    assert not amx_lstm.trains("lstm", 100, cpu, torch.bfloat16)  # not a multiple of 32
-    assert not amx_lstm.trains("lstm", 256, torch.device("cuda"), torch.bfloat16)
+    expected = fused_lstm.available()
+    assert fused_lstm.trains("lstm", 256, cpu, torch.bfloat16) is expected
+    assert not fused_lstm.trains("lstm", 256, cpu, None)  # fp32: torch.nn.LSTM
+    assert not fused_lstm.trains("gru", 256, cpu, torch.bfloat16)
+    assert not fused_lstm.trains("lstm", 100, cpu, torch.bfloat16)  # not a multiple of 32
+    assert not fused_lstm.trains("lstm", 256, torch.device("cuda"), torch.bfloat16)
 
 
 def test_the_environment_can_turn_the_kernel_off(monkeypatch):
-    monkeypatch.setenv("CHARLSTM_AMX", "0")
-    assert not amx_lstm.available()
-    assert not amx_lstm.trains("lstm", 256, torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("CHARLSTM_FUSED", "0")
+    assert not fused_lstm.available()
+    assert not fused_lstm.trains("lstm", 256, torch.device("cpu"), torch.bfloat16)
+
+
+def test_the_environment_picks_a_back_end_only_if_this_cpu_has_it(monkeypatch):
+    for name in ("amx", "avx512"):
+        monkeypatch.setenv("CHARLSTM_FUSED", name)
+        assert fused_lstm.backend() == (name if name in BACKENDS else None)
+    monkeypatch.setenv("CHARLSTM_FUSED", "1")
+    assert fused_lstm.backend() == (BACKENDS[0] if BACKENDS else None)
+    monkeypatch.delenv("CHARLSTM_FUSED")
+    assert fused_lstm.backend() == (BACKENDS[0] if BACKENDS else None)
 
 
 def test_fp32_and_other_cells_never_take_the_kernel(monkeypatch):
-    monkeypatch.setattr(amx_lstm, "lstm_forward", lambda *a, **k: pytest.fail("kernel used"))
+    monkeypatch.setattr(fused_lstm, "lstm_forward", lambda *a, **k: pytest.fail("kernel used"))
     x = torch.randint(0, 20, (3, 7))
     lstm = CharRNN(ModelConfig(embed_dim=8, hidden_dim=32), 20)
     lstm(x)  # fp32, no autocast

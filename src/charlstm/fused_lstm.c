@@ -1,10 +1,12 @@
-/* The recurrence of one LSTM layer, forward and backward, on CPUs with Intel AMX.
+/* The recurrence of one LSTM layer, forward and backward, on x86 CPUs with bf16 instructions.
  *
  * A character LSTM spends its time in a loop of T small steps: per step a [B, K] x [K, 4H]
  * product (K = input + hidden width) and a few element-wise gate operations on [B, 4H].
  * Library kernels pay a fixed cost per call that dwarfs the arithmetic at these sizes, so this
- * file runs the whole loop in one call: each step's product on AMX tiles (bf16 inputs, fp32
- * sums) with the input projection folded in, and the gates in AVX-512 on tiles still in L1.
+ * file runs the whole loop in one call: each step's product in bf16 with fp32 sums and the
+ * input projection folded in, and the gates in AVX-512 on sums still in L1. The products run
+ * on one of two back ends: Intel's AMX tiles (Xeon since Sapphire Rapids) or AVX-512 BF16 dot
+ * products (AMD Zen 4 and later, Intel Cooper Lake); both read the same packed weights.
  * What is not sequential in time, the weight gradient, is left to one large PyTorch product,
  * for which the backward writes the gates' gradient transposed.
  *
@@ -12,7 +14,8 @@
  * multiple of 32; gate order i, f, g, o as in torch.nn.LSTM):
  *   xh     [T, B, K] bf16: row t holds [x_t | h_{t-1}]; the kernel writes h_t into row t + 1
  *   packed weights: a [K, N] matrix as [N/16][K/32] blocks of 16 x 32 bf16, each block the
- *          pairs-of-rows ("VNNI") layout an AMX B tile loads
+ *          pairs-of-rows ("VNNI") layout an AMX B tile loads; each 64-byte row of a block is
+ *          also the B operand of one AVX-512 BF16 dot product (16 columns x 2 rows)
  *   saved  [T][H/16][B] blocks of 16 units: c in fp32, then i, f, g, o and tanh(c) in fp16
  *          (all five lie in [-1, 1], where fp16 keeps 11 bits), for the backward
  */
@@ -25,18 +28,20 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define HAVE_AMX_BUILD 1
+#define HAVE_X86_BUILD 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
-#define HAVE_AMX_BUILD 0
+#define HAVE_X86_BUILD 0
 #endif
 
-#if HAVE_AMX_BUILD
+#if HAVE_X86_BUILD
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define TARGET_AMX \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 /* What the backward needs of 16 units of one row at one step. */
 typedef struct {
     float c[16];
@@ -50,18 +55,23 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* AMX and AVX-512 (F, BW, VL, BF16) present, the OS saving AVX-512 state, and the kernel
- * willing to hand this process tile state. */
-static int amx_usable(void) {
+/* AVX-512 (F, BW, VL, BF16) present and the OS saving AVX-512 state. */
+static int avx512_bf16_usable(void) {
     unsigned a, b, c, d, xcr0_low, xcr0_high;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
     __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
     if ((xcr0_low & 0xe6) != 0xe6) return 0; /* SSE, AVX and AVX-512 state enabled */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    int avx512 = (b >> 16) & (b >> 30) & (b >> 31) & 1; /* F, BW, VL */
-    int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    if (!avx512 || !amx_bf16 || !amx_tile) return 0;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return 0; /* avx512_bf16 */
+    if (!((b >> 16) & (b >> 30) & (b >> 31) & 1)) return 0; /* F, BW, VL */
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1); /* avx512_bf16 */
+}
+
+/* AMX-BF16 present and the kernel willing to hand this process tile state (on top of the
+ * AVX-512 that the gates use). */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!avx512_bf16_usable() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0; /* amx-bf16, amx-tile */
     const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
     return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
 }
@@ -75,7 +85,9 @@ static const tile_config TILES __attribute__((aligned(64))) = {
     .rows = {16, 16, 16, 16, 16, 16, 16, 16},
 };
 
-TARGET static void configure_tiles(void) { _tile_loadconfig(&TILES); }
+TARGET_AMX static void configure_tiles(void) { _tile_loadconfig(&TILES); }
+
+TARGET_AMX static void release_tiles(void) { _tile_release(); }
 
 TARGET static inline __m512 exp_ps(__m512 x) {
     /* 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^6: relative
@@ -159,7 +171,8 @@ typedef struct {
     int B, H, K;
     const uint16_t *a;     /* [B, K]: [x_t | h_{t-1}] */
     const uint16_t *w;     /* packed [K, 4H] */
-    const float *bias;     /* [4H] */
+    const float *bias;     /* [4H], or with ids: */
+    const int32_t *ids;    /* [B]: each row's input id, whose row of `bias` [V, 4H] it adds */
     const float *c0;       /* [B, H], the cell state before step 0 */
     const saved_block *s_prev; /* what the previous step saved, NULL at step 0 */
     saved_block *saved;        /* what this step saves: [H / 16][B] */
@@ -170,19 +183,16 @@ typedef struct {
     float *h_last, *c_last; /* [B, H] at the last step, else NULL */
 } forward_args;
 
-/* The gates of row b for units [16u, 16u + 16) from their pre-activations in `tiles`
- * (tiles[4 * (b / 16) + gate][b % 16]): the new cell and hidden state, and what the backward
+/* The gates of row b for units [16u, 16u + 16) from their pre-activations pre[0..3] (i, f, g,
+ * o; 16 floats each, 64-byte aligned): the new cell and hidden state, and what the backward
  * needs. */
-TARGET static void forward_row(const forward_args *p, int u, int b, float (*tiles)[16][16]) {
-    const int H = p->H, j = 16 * u, tile = 4 * (b / 16), row = b % 16;
-    __m512 i = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile][row]),
-                                        _mm512_loadu_ps(p->bias + j)));
-    __m512 f = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 1][row]),
-                                        _mm512_loadu_ps(p->bias + H + j)));
-    __m512 g = tanh_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 2][row]),
-                                     _mm512_loadu_ps(p->bias + 2 * H + j)));
-    __m512 o = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tiles[tile + 3][row]),
-                                        _mm512_loadu_ps(p->bias + 3 * H + j)));
+TARGET static void forward_row(const forward_args *p, int u, int b, const float *const pre[4]) {
+    const int H = p->H, j = 16 * u;
+    const float *bias = p->ids ? p->bias + (size_t)p->ids[b] * 4 * H : p->bias;
+    __m512 i = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(pre[0]), _mm512_loadu_ps(bias + j)));
+    __m512 f = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(pre[1]), _mm512_loadu_ps(bias + H + j)));
+    __m512 g = tanh_ps(_mm512_add_ps(_mm512_load_ps(pre[2]), _mm512_loadu_ps(bias + 2 * H + j)));
+    __m512 o = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(pre[3]), _mm512_loadu_ps(bias + 3 * H + j)));
     __m512 cp = p->s_prev ? _mm512_loadu_ps(p->s_prev[(size_t)u * p->B + b].c)
                           : _mm512_loadu_ps(p->c0 + (size_t)b * H + j);
     __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
@@ -204,11 +214,23 @@ TARGET static void forward_row(const forward_args *p, int u, int b, float (*tile
     }
 }
 
-/* One step of the forward, unit block by unit block: the four gates of units [16u, 16u + 16)
- * for every row go to a scratch of tiles, and while AMX computes block u the vector units
- * finish block u - 1 a few rows at a time, so the two kinds of work overlap.
+/* forward_row on rows [from, to) of unit block u, whose gates lie in AMX tiles:
+ * tiles[4 * (b / 16) + gate][b % 16]. */
+TARGET static void forward_tile_rows(const forward_args *p, int u, int from, int to,
+                                     float (*tiles)[16][16]) {
+    for (int b = from; b < to; b++) {
+        const int tile = 4 * (b / 16), row = b % 16;
+        const float *const pre[4] = {tiles[tile][row], tiles[tile + 1][row],
+                                     tiles[tile + 2][row], tiles[tile + 3][row]};
+        forward_row(p, u, b, pre);
+    }
+}
+
+/* One step of the forward on AMX, unit block by unit block: the four gates of units
+ * [16u, 16u + 16) for every row go to a scratch of tiles, and while AMX computes block u the
+ * vector units finish block u - 1 a few rows at a time, so the two kinds of work overlap.
  * scratch: 2 x (B / 16) x 4 tiles of 16 x 16 fp32. */
-TARGET static void forward_step(const forward_args *p, float (*scratch)[16][16]) {
+TARGET_AMX static void forward_step_amx(const forward_args *p, float (*scratch)[16][16]) {
     const int B = p->B, K = p->K, kc_n = K / 32, units = p->H / 16, row_tiles = B / 16;
     const int steps = (B + 31) / 32 * 2 * kc_n; /* tile iterations per unit block */
     int pending = -1, done = 0;                 /* unit block u - 1 and its rows finished */
@@ -238,8 +260,11 @@ TARGET static void forward_step(const forward_args *p, float (*scratch)[16][16])
                         _tile_dpbf16ps(3, 5, 7);
                     }
                     step++;
-                    for (; pending >= 0 && done < B * step / steps; done++)
-                        forward_row(p, pending, done, prev);
+                    if (pending >= 0) { /* the share of block u - 1's rows due by now */
+                        const int due = B * step / steps;
+                        forward_tile_rows(p, pending, done, due, prev);
+                        done = due;
+                    }
                 }
                 _tile_stored(0, tiles[4 * rt + gate], 64);
                 _tile_stored(1, tiles[4 * rt + gate + 1], 64);
@@ -249,32 +274,105 @@ TARGET static void forward_step(const forward_args *p, float (*scratch)[16][16])
                 }
             }
         }
-        for (; pending >= 0 && done < B; done++) forward_row(p, pending, done, prev);
+        if (pending >= 0) forward_tile_rows(p, pending, done, B, prev);
         pending = u;
         done = 0;
     }
-    for (int b = 0; b < B; b++)
-        forward_row(p, pending, b, scratch + ((units - 1) & 1) * row_tiles * 4);
+    forward_tile_rows(p, pending, 0, B, scratch + ((units - 1) & 1) * row_tiles * 4);
 }
 
-/* forward(T, B, E, H, xh, w, bias, c0, saved, h_out, h_last, c_last, drop)
+/* Rows that the AVX-512 products compute together: their sums for four column blocks take 24
+ * of the 32 vector registers, leaving room for the four weight vectors and a broadcast. */
+#define GROUP 6
+
+/* sums[r][q] = row r of a (rows of stride lda) times column block q of a packed matrix,
+ * whose block q starts at w[q] and holds `pairs` vectors of 16 columns x 2 rows. Inlined with a
+ * constant `rows` so that the sums stay in registers. */
+TARGET static inline __attribute__((always_inline)) void dot_rows(int rows, const uint16_t *a,
+                                                                  size_t lda, int pairs,
+                                                                  const uint16_t *const w[4],
+                                                                  float (*sums)[4][16]) {
+    __m512 acc[GROUP][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_ps();
+    for (int k = 0; k < pairs; k++) {
+        __m512bh b[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) b[q] = (__m512bh)_mm512_loadu_si512(w[q] + 32 * k);
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, a + r * lda + 2 * k, sizeof pair);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], x, b[q]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) _mm512_store_ps(sums[r][q], acc[r][q]);
+}
+
+/* dot_rows for 1 to GROUP rows, each count compiled on its own. */
+TARGET static void dot_group(int rows, const uint16_t *a, size_t lda, int pairs,
+                             const uint16_t *const w[4], float (*sums)[4][16]) {
+    switch (rows) {
+    case 6: dot_rows(6, a, lda, pairs, w, sums); break;
+    case 5: dot_rows(5, a, lda, pairs, w, sums); break;
+    case 4: dot_rows(4, a, lda, pairs, w, sums); break;
+    case 3: dot_rows(3, a, lda, pairs, w, sums); break;
+    case 2: dot_rows(2, a, lda, pairs, w, sums); break;
+    default: dot_rows(1, a, lda, pairs, w, sums); break;
+    }
+}
+
+/* One step of the forward with AVX-512 BF16 dot products: for each unit block, GROUP rows at
+ * a time, the four gates' sums in registers, then their gates while the sums are in L1. */
+TARGET static void forward_step_avx512(const forward_args *p) {
+    const int units = p->H / 16, kc_n = p->K / 32;
+    float sums[GROUP][4][16] __attribute__((aligned(64)));
+    for (int u = 0; u < units; u++) {
+        const uint16_t *w[4];
+        for (int q = 0; q < 4; q++) w[q] = p->w + (size_t)(q * units + u) * kc_n * 512;
+        for (int b0 = 0; b0 < p->B; b0 += GROUP) {
+            const int rows = p->B - b0 < GROUP ? p->B - b0 : GROUP;
+            dot_group(rows, p->a + (size_t)b0 * p->K, p->K, p->K / 2, w, sums);
+            for (int r = 0; r < rows; r++) {
+                const float *const pre[4] = {sums[r][0], sums[r][1], sums[r][2], sums[r][3]};
+                forward_row(p, u, b0 + r, pre);
+            }
+        }
+    }
+}
+
+/* forward(T, B, E, H, xh, w, bias, ids, c0, saved, h_out, h_last, c_last, drop, amx)
  *   xh [T, B, E + H] bf16: x_t in every row, h0 in row 0; h_t is written into row t + 1
  *   w: the packed [E + H, 4H] matrix [W_ih | W_hh]^T; bias [4H] fp32: b_ih + b_hh
+ *   ids [T, B] int32 or NULL: with ids, bias is a [V, 4H] table and row b at step t adds
+ *   its row ids[t][b] (a layer whose input is a lookup: E = 0 and the table holds W_ih x + b)
  *   h_out [T, B, H] bf16 out, after dropout; h_last, c_last [B, H] fp32 out: the state after
- *   step T (no dropout) */
+ *   step T (no dropout); amx: the products on AMX tiles, else AVX-512 BF16 */
 TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const uint16_t *w,
-                               const float *bias, const float *c0, saved_block *saved,
+                               const float *bias, const int32_t *ids, const float *c0,
+                               saved_block *saved,
                                uint16_t *h_out, float *h_last, float *c_last,
-                               const dropout_mask *drop) {
+                               const dropout_mask *drop, int amx) {
     const int K = E + H;
-    float (*scratch)[16][16] = aligned_alloc(64, (size_t)2 * (B / 16) * 4 * 1024);
-    if (!scratch) return -1;
-    configure_tiles();
+    float (*scratch)[16][16] = NULL;
+    if (amx) {
+        scratch = aligned_alloc(64, (size_t)2 * (B / 16) * 4 * 1024);
+        if (!scratch) return -1;
+        configure_tiles();
+    }
     for (int t = 0; t < T; t++) {
         const int last = t == T - 1;
         forward_args p = {
             .B = B, .H = H, .K = K,
             .a = xh + (size_t)t * B * K, .w = w, .bias = bias, .c0 = c0,
+            .ids = ids ? ids + (size_t)t * B : NULL,
             .s_prev = t > 0 ? saved + (size_t)(t - 1) * B * (H / 16) : NULL,
             .saved = saved + (size_t)t * B * (H / 16),
             .h_out = h_out + (size_t)t * B * H,
@@ -282,10 +380,15 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
             .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
             .drop = drop, .first = (uint32_t)((size_t)t * B * H),
         };
-        forward_step(&p, scratch);
+        if (amx)
+            forward_step_amx(&p, scratch);
+        else
+            forward_step_avx512(&p);
     }
-    _tile_release();
-    free(scratch);
+    if (amx) {
+        release_tiles();
+        free(scratch);
+    }
     return 0;
 }
 
@@ -324,9 +427,9 @@ TARGET static void store_columns(const float (*rows)[16], uint16_t *out, size_t 
     for (int i = 0; i < 16; i++) store_bf16(out + (size_t)i * ld, r[i]);
 }
 
-/* out[B, N] = a[B, 4H] bf16 x w (packed [4H, N]): columns [0, E) go to dx in bf16 (row
- * stride E), columns [E, E + H) to dh in fp32 (row stride H). */
-TARGET static void backward_product(int B, int E, int H, const uint16_t *a, const uint16_t *w,
+/* out[B, N] = a[B, 4H] bf16 x w (packed [4H, N]) on AMX: columns [0, E) go to dx in bf16
+ * (row stride E), columns [E, E + H) to dh in fp32 (row stride H). */
+TARGET_AMX static void backward_product_amx(int B, int E, int H, const uint16_t *a, const uint16_t *w,
                                     uint16_t *dx, float *dh) {
     float wide[32][32] __attribute__((aligned(64))); /* dx tiles on their way to bf16 */
     const int G = 4 * H, kc_n = G / 32, N = E + H;
@@ -370,16 +473,46 @@ TARGET static void backward_product(int B, int E, int H, const uint16_t *a, cons
     }
 }
 
-/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, drop)
+/* backward_product_amx with AVX-512 BF16 dot products, four column blocks and GROUP rows at
+ * a time. */
+TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *a,
+                                           const uint16_t *w, uint16_t *dx, float *dh) {
+    const int G = 4 * H, kc_n = G / 32, blocks = (E + H) / 16;
+    float sums[GROUP][4][16] __attribute__((aligned(64)));
+    for (int n = 0; n < blocks; n += 4) {
+        const uint16_t *wq[4]; /* past the last block, repeat it: computed, never stored */
+        for (int q = 0; q < 4; q++)
+            wq[q] = w + (size_t)(n + q < blocks ? n + q : blocks - 1) * kc_n * 512;
+        for (int b0 = 0; b0 < B; b0 += GROUP) {
+            const int rows = B - b0 < GROUP ? B - b0 : GROUP;
+            dot_group(rows, a + (size_t)b0 * G, G, G / 2, wq, sums);
+            for (int r = 0; r < rows; r++)
+                for (int q = 0; q < 4 && n + q < blocks; q++) {
+                    const int column = 16 * (n + q);
+                    const __m512 v = _mm512_load_ps(sums[r][q]);
+                    if (column < E)
+                        store_bf16(dx + (size_t)(b0 + r) * E + column, v);
+                    else
+                        _mm512_storeu_ps(dh + (size_t)(b0 + r) * H + column - E, v);
+                }
+        }
+    }
+}
+
+/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, drop, amx)
  *   dh_out [T, B, H] bf16: gradient of the layer's output (after dropout) at every step
  *   dh, dc [B, H] fp32: on entry the gradient of the final state, on exit that of the first
  *   dg_t [4H, ld] bf16 out: the gradient of the gate pre-activations, transposed (column
  *        t * B + b for row b at step t), so that the weight gradient is one plain product
- *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated */
+ *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated
+ *   ids [T, B] int32 or NULL: with ids (a lookup layer), dbias is the [V, 4H] table's gradient,
+ *   and row b at step t accumulates into its row ids[t][b]
+ *   amx: the products on AMX tiles, else AVX-512 BF16 */
 TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
                                 const uint16_t *w, const saved_block *saved, const float *c0,
                                 uint16_t *dg_t, size_t ld, uint16_t *dx, float *dh, float *dc,
-                                float *dbias, const dropout_mask *drop) {
+                                float *dbias, const int32_t *ids, const dropout_mask *drop,
+                                int amx) {
     const int G = 4 * H, units = H / 16;
     const __m512 one = _mm512_set1_ps(1.0f);
     uint16_t *dg = aligned_alloc(64, (size_t)B * G * 2); /* this step's, row-major: an A operand */
@@ -389,7 +522,7 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
         free(block);
         return -1;
     }
-    configure_tiles();
+    if (amx) configure_tiles();
     for (int t = T - 1; t >= 0; t--) {
         const saved_block *s_now = saved + (size_t)t * B * (H / 16);
         const saved_block *s_prev = t > 0 ? saved + (size_t)(t - 1) * B * (H / 16) : NULL;
@@ -419,21 +552,29 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                 for (int q = 0; q < 4; q++) {
                     store_bf16(dg + (size_t)b * G + q * H + j, d[q]);
                     _mm512_store_ps(block[q][b % 16], d[q]);
-                    sum[q] = _mm512_add_ps(sum[q], d[q]);
+                    if (ids) {
+                        float *dt = dbias + (size_t)ids[(size_t)t * B + b] * G + q * H + j;
+                        _mm512_storeu_ps(dt, _mm512_add_ps(_mm512_loadu_ps(dt), d[q]));
+                    } else {
+                        sum[q] = _mm512_add_ps(sum[q], d[q]);
+                    }
                 }
                 if (b % 16 == 15) /* 16 rows done: their gradients as columns of dg_t */
                     for (int q = 0; q < 4; q++)
                         store_columns(block[q], dg_t + (size_t)(q * H + j) * ld + (size_t)t * B +
                                                     (b - 15), ld);
             }
-            for (int q = 0; q < 4; q++) {
+            for (int q = 0; q < 4 && !ids; q++) {
                 float *db = dbias + q * H + j;
                 _mm512_storeu_ps(db, _mm512_add_ps(_mm512_loadu_ps(db), sum[q]));
             }
         }
-        backward_product(B, E, H, dg, w, dx + (size_t)t * B * E, dh);
+        if (amx)
+            backward_product_amx(B, E, H, dg, w, dx + (size_t)t * B * E, dh);
+        else
+            backward_product_avx512(B, E, H, dg, w, dx + (size_t)t * B * E, dh);
     }
-    _tile_release();
+    if (amx) release_tiles();
     free(dg);
     free(block);
     return 0;
@@ -450,7 +591,7 @@ TARGET static __m512 stacked_row(const float *w_ih, int e, const float *w_hh, in
     return _mm512_maskz_loadu_ps(keep, w_ih + (size_t)n * e + c0);
 }
 
-/* pack(w_ih, w_hh, E, Ep, H, forward, backward): the bf16 AMX layouts of the stacked weights
+/* pack(w_ih, w_hh, E, Ep, H, forward, backward): the packed bf16 layouts of the stacked weights
  * [W_ih | 0 | W_hh] (4H x K, K = Ep + H): `forward` packs its transpose (K x 4H), the B
  * operand of the forward's product, `backward` the matrix itself (4H x K). */
 TARGET static void pack_weights(const float *w_ih, const float *w_hh, int e, int ep, int h,
@@ -490,14 +631,16 @@ TARGET static void pack_weights(const float *w_ih, const float *w_hh, int e, int
         }
 }
 
-#endif /* HAVE_AMX_BUILD */
+#endif /* HAVE_X86_BUILD */
 
-static int usable = -1; /* decided on first use: CPU features and OS permission */
+/* The back ends this CPU and OS can run, as bits: decided on first use. */
+enum { USES_AVX512 = 1, USES_AMX = 2 };
+static int usable = -1;
 
-static int is_usable(void) {
+static int usable_backends(void) {
     if (usable < 0) {
-#if HAVE_AMX_BUILD
-        usable = amx_usable();
+#if HAVE_X86_BUILD
+        usable = (avx512_bf16_usable() ? USES_AVX512 : 0) | (amx_usable() ? USES_AMX : 0);
 #else
         usable = 0;
 #endif
@@ -505,21 +648,26 @@ static int is_usable(void) {
     return usable;
 }
 
-static PyObject *py_available(PyObject *self, PyObject *args) {
+static PyObject *py_backends(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-    return PyBool_FromLong(is_usable());
+    const int found = usable_backends();
+    if (found & USES_AMX) return Py_BuildValue("(ss)", "amx", "avx512");
+    if (found & USES_AVX512) return Py_BuildValue("(s)", "avx512");
+    return PyTuple_New(0);
 }
 
-static int check_usable(void) {
-    if (!is_usable()) {
-        PyErr_SetString(PyExc_RuntimeError, "the AMX LSTM kernel is not usable on this CPU");
+/* The kernel can run with the products on AMX (amx = 1) or on AVX-512 BF16 (amx = 0). */
+static int check_usable(int amx) {
+    if (!(usable_backends() & (amx ? USES_AMX : USES_AVX512))) {
+        PyErr_SetString(PyExc_RuntimeError, amx ? "this CPU cannot run the LSTM kernel on AMX"
+                                                : "this CPU has no AVX-512 BF16 for the LSTM kernel");
         return 0;
     }
     return 1;
 }
 
-#if HAVE_AMX_BUILD
+#if HAVE_X86_BUILD
 /* A mask keeping each element with probability `keep` (no mask for keep >= 1). */
 static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed) {
     if (keep >= 1.0) return NULL;
@@ -533,7 +681,7 @@ static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long
 
 static int check_shape(int B, int E, int H) {
     if (B <= 0 || B % 16 || E < 0 || E % 32 || H <= 0 || H % 32) {
-        PyErr_SetString(PyExc_ValueError, "AMX LSTM shapes: B % 16, E % 32 and H % 32 must be 0");
+        PyErr_SetString(PyExc_ValueError, "LSTM kernel shapes: B % 16, E % 32 and H % 32 must be 0");
         return 0;
     }
     return 1;
@@ -542,21 +690,21 @@ static int check_shape(int B, int E, int H) {
 /* Pointers arrive as integers (tensor.data_ptr()); the caller owns and sizes every buffer. */
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H;
-    unsigned long long xh, w, bias, c0, saved, h_out, h_last, c_last, seed;
+    int T, B, E, H, amx;
+    unsigned long long xh, w, bias, ids, c0, saved, h_out, h_last, c_last, seed;
     double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKdK", &T, &B, &E, &H, &xh, &w, &bias, &c0, &saved,
-                          &h_out, &h_last, &c_last, &keep, &seed))
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
+                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &amx))
         return NULL;
-    if (!check_usable() || !check_shape(B, E, H)) return NULL;
-#if HAVE_AMX_BUILD
+    if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
+#if HAVE_X86_BUILD
     dropout_mask mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_forward(T, B, E, H, (uint16_t *)xh, (const uint16_t *)w, (const float *)bias,
-                          (const float *)c0, (saved_block *)saved, (uint16_t *)h_out, (float *)h_last,
-                          (float *)c_last, drop);
+                          (const int32_t *)ids, (const float *)c0, (saved_block *)saved,
+                          (uint16_t *)h_out, (float *)h_last, (float *)c_last, drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -565,14 +713,14 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H;
-    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, seed;
+    int T, B, E, H, amx;
+    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, seed;
     double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKdK", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
-                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &keep, &seed))
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKp", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
+                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &amx))
         return NULL;
-    if (!check_usable() || !check_shape(B, E, H)) return NULL;
-#if HAVE_AMX_BUILD
+    if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
+#if HAVE_X86_BUILD
     dropout_mask mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed);
     int failed;
@@ -580,7 +728,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
                            (const saved_block *)saved, (const float *)c0, (uint16_t *)dg_t,
                            (size_t)ld, (uint16_t *)dx, (float *)dh, (float *)dc, (float *)dbias,
-                           drop);
+                           (const int32_t *)ids, drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -593,12 +741,12 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
     unsigned long long w_ih, w_hh, forward, backward;
     if (!PyArg_ParseTuple(args, "KKiiiKK", &w_ih, &w_hh, &E, &Ep, &H, &forward, &backward))
         return NULL;
-    if (!check_usable() || !check_shape(16, Ep, H)) return NULL;
+    if (!check_usable(0) || !check_shape(16, Ep, H)) return NULL;
     if (E < 0 || E > Ep) {
         PyErr_SetString(PyExc_ValueError, "pack: the input width must be within its padding");
         return NULL;
     }
-#if HAVE_AMX_BUILD
+#if HAVE_X86_BUILD
     Py_BEGIN_ALLOW_THREADS
     pack_weights((const float *)w_ih, (const float *)w_hh, E, Ep, H, (uint16_t *)forward,
                  (uint16_t *)backward);
@@ -608,22 +756,22 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"available", py_available, METH_NOARGS, "True if this CPU and OS can run the kernel."},
+    {"backends", py_backends, METH_NOARGS, "The back ends this CPU can run, fastest first."},
     {"forward", py_forward, METH_VARARGS, "Forward of one LSTM layer over T steps."},
     {"backward", py_backward, METH_VARARGS, "Backward of one LSTM layer over T steps."},
-    {"pack", py_pack, METH_VARARGS, "The forward and backward AMX layouts of a layer's weights."},
+    {"pack", py_pack, METH_VARARGS, "The forward and backward packed layouts of a layer's weights."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "_amx_lstm",
-    .m_doc = "AMX kernels for the LSTM recurrence.",
+    .m_name = "_fused_lstm",
+    .m_doc = "The LSTM recurrence in one call per layer, on AMX or AVX-512 BF16.",
     .m_size = -1,
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__amx_lstm(void) {
+PyMODINIT_FUNC PyInit__fused_lstm(void) {
     PyObject *m = PyModule_Create(&module);
     /* Bytes the forward saves per unit, row and step: the caller sizes `saved` with it. */
     if (m && PyModule_AddIntConstant(m, "SAVED_BYTES_PER_UNIT", 14) < 0) {
