@@ -208,7 +208,7 @@ def test_load_config_file_accepts_str_path(tmp_path):
     [
         ("hiden-dim = 3\n", "hiden_dim"),
         ("[model]\nwidth = 3\n", "width"),
-        ("[optimizer]\nlr = 0.1\n", "optimizer"),
+        ("[scheduler]\nlr = 0.1\n", "scheduler"),
     ],
 )
 def test_load_config_file_rejects_unknown_keys(tmp_path, text, key):
@@ -292,6 +292,7 @@ RUN_CONFIG_ERRORS = [
     ({"min_lr_ratio": 1.5}, "--min-lr-ratio must be in [0, 1]"),
     ({"grad_clip": -1.0}, "--grad-clip must not be negative (0 turns it off)"),
     ({"ema": 1.0}, "--ema must be in [0, 1) (0 turns it off)"),
+    ({"muon_lr": 0.0}, "--muon-lr must be greater than 0"),
     ({"ema": -0.5}, "--ema must be in [0, 1) (0 turns it off)"),
     ({"max_steps": 0}, "--max-steps must be at least 1"),
     ({"max_epochs": 0.0}, "--max-epochs must be above 0"),

@@ -1,4 +1,4 @@
-"""The training recipe: data, model, AdamW with warm-up and cosine decay, evaluation, checkpoints.
+"""The training recipe: data, model, Muon + AdamW with warm-up and cosine decay, evaluation, saving.
 
 ``train(config)`` runs one run directory from start (or from its last checkpoint) to a stopping
 limit, writing ``metrics.jsonl``, ``best/`` and ``last/`` as it goes.
@@ -43,6 +43,7 @@ from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult, eval_result, score_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
+from charlstm.muon import MuonAdamW
 from charlstm.plot import CURVES_FILE, METRICS_FILE, write_curves
 from charlstm.shards import Shards, shard_count
 
@@ -169,10 +170,10 @@ class _Trainer:
         # whose backward() averages the gradients of all processes (None for one process).
         self.world, self.rows = world, world.rows(config.train.batch_size)
         self.ddp = world.wrap(net)
-        self.optimizer = _make_optimizer(net, self.tc)
+        self.autocast = autocast_dtype(device, self.tc.precision)
+        self.optimizer = _make_optimizer(net, self.tc, self.autocast)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.average = WeightAverage(net, self.tc.ema) if self.tc.ema > 0 else None
-        self.autocast = autocast_dtype(device, self.tc.precision)
         mc = config.model
         fused = fused_lstm.trains(mc.cell, mc.hidden_dim, device, self.autocast)
         shards = shard_count(device, self.tc.batch_size, mc.dropout, fused)
@@ -632,19 +633,32 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
 
-def _make_optimizer(net: CharRNN, tc: TrainConfig) -> torch.optim.AdamW:
+def _make_optimizer(
+    net: CharRNN, tc: TrainConfig, autocast: torch.dtype | None
+) -> torch.optim.Optimizer:
     # Decay the weight matrices only: shrinking biases or embedding rows only hurts.
-    decay, keep = [], []
+    recurrent, decay, keep = [], [], []
     for name, p in net.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith("embed.") else keep).append(p)
+        if tc.optimizer == "muon" and name.startswith("rnn.weight"):
+            recurrent.append(p)
+        elif p.dim() >= 2 and not name.startswith("embed."):
+            decay.append(p)
+        else:
+            keep.append(p)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": keep, "weight_decay": 0.0},
+    ]
+    betas = (tc.beta1, tc.beta2)
+    if tc.optimizer == "muon":
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}[net.config.cell]
+        muon = {"params": recurrent, "weight_decay": tc.weight_decay, "blocks": gates}
+        # Muon's products in bf16 only when training is in bf16: fp32 runs stay fp32 throughout.
+        dtype = torch.bfloat16 if autocast == torch.bfloat16 else torch.float32
+        return MuonAdamW([muon, *groups], lr=tc.lr, muon_lr=tc.muon_lr, betas=betas, dtype=dtype)
     # The fused update is one kernel for all parameters (4x faster than foreach on a CPU).
     fused = net.head.weight.device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": keep, "weight_decay": 0.0}],
-        lr=tc.lr,
-        betas=(tc.beta1, tc.beta2),
-        fused=fused or None,
-    )
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=betas, fused=fused or None)
 
 
 def find_resume_checkpoint(tc: TrainConfig) -> Path | None:
