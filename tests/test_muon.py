@@ -81,3 +81,24 @@ def test_muon_learns_faster_than_adamw_on_the_same_steps(shakespeare_200k, tmp_p
         saved = json.loads((tmp_path / optimizer / "last" / "config.json").read_text())
         assert saved["config"]["train"]["optimizer"] == optimizer
     assert losses["muon"] < losses["adamw"] - 0.02, losses
+
+
+def test_resuming_a_checkpoint_of_another_optimizer_is_refused_in_one_line(
+    shakespeare_200k, tmp_path
+):
+    """A checkpoint written before Muon existed has no "optimizer" setting, so it reads as the
+    default, muon, while its state is AdamW's: a clear error, and the run is left as it was."""
+    run = tmp_path / "run"
+    first = tiny_config(shakespeare_200k, run, optimizer="adamw", max_steps=20)
+    charlstm.train(first, progress=False)
+    config_file = run / "last" / "config.json"
+    document = json.loads(config_file.read_text())
+    del document["config"]["train"]["optimizer"]
+    config_file.write_text(json.dumps(document))
+    before = (run / "last" / "resume.safetensors").read_bytes()
+    resumed = tiny_config(shakespeare_200k, run, max_steps=40, resume=str(run))
+    with pytest.raises(charlstm.CharLSTMError) as error:
+        charlstm.train(resumed.with_overrides({"optimizer": "muon"}), progress=False)
+    message = str(error.value)
+    assert "another optimizer than --optimizer muon" in message and "\n" not in message
+    assert (run / "last" / "resume.safetensors").read_bytes() == before

@@ -544,9 +544,15 @@ class _Trainer:
             if name.startswith("optim."):
                 _, index, key = name.split(".", 2)
                 optimizer_state.setdefault(int(index), {})[key] = value
-        self.optimizer.load_state_dict(
-            {"state": optimizer_state, "param_groups": state["param_groups"]}
-        )
+        try:
+            self.optimizer.load_state_dict(
+                {"state": optimizer_state, "param_groups": state["param_groups"]}
+            )
+        except (ValueError, KeyError) as e:  # e.g. AdamW's state, saved before Muon existed
+            raise CharLSTMError(
+                f"{directory} holds the state of another optimizer than --optimizer "
+                f"{self.tc.optimizer} ({e}); start a new run from it instead of resuming"
+            ) from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
