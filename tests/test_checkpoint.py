@@ -124,6 +124,24 @@ def test_load_gives_bit_identical_logits(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got_state, expected_state, strict=True))
 
 
+def test_a_checkpoint_from_before_the_head_read_every_layer_loads_as_it_was(tmp_path):
+    # Written when the head read the last layer alone, config.json has no "head_input".
+    config, vocab, _ = tiny_setup()
+    config = config.with_overrides({"head_input": "last"})
+    torch.manual_seed(4)
+    net = CharRNN(config.model, vocab.size).eval()
+    write_checkpoint(
+        tmp_path / "old", config=config, vocab=vocab, weights=net.state_dict(), info={}
+    )
+    document = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del document["config"]["model"]["head_input"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(document))
+    model = charlstm.load(str(tmp_path / "old"), device="cpu")
+    assert model.net.config.head_input == "last"
+    with torch.no_grad():
+        assert torch.equal(model.net(probe_ids(vocab))[0], net(probe_ids(vocab))[0])
+
+
 def test_load_of_a_trained_run_matches_its_best_checkpoint(trained_run):
     model = charlstm.load(str(trained_run), device="cpu")
     ck = read_checkpoint(trained_run / "best")

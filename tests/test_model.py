@@ -58,8 +58,6 @@ def test_one_layer_with_dropout(cell):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PyTorch warns about inter-layer dropout with one layer
         net = tiny_net(cell, n_layers=1, dropout=0.5)
-    assert net.rnn.dropout == 0.0
-    assert net.drop.p == 0.5
     x = random_ids(3, 9)
     net.train()
     torch.manual_seed(5)
@@ -97,9 +95,36 @@ def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
     torch.testing.assert_close(net(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
 
 
-def test_inter_layer_dropout_is_passed_to_the_stack():
-    net = tiny_net("gru", n_layers=2, dropout=0.3)
-    assert net.rnn.dropout == pytest.approx(0.3)
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_dropout_mask_comes_from_the_generator(cell):
+    # Masks after each layer, drawn from the generator alone: threads that train shards of one
+    # batch with generators of their own stay reproducible, and the global generator is untouched.
+    net = tiny_net(cell, n_layers=3, dropout=0.3).train()
+    x = random_ids(4, 12)
+    before = torch.get_rng_state()
+    a, _ = net(x, generator=torch.Generator().manual_seed(1))
+    b, _ = net(x, generator=torch.Generator().manual_seed(1))
+    c, _ = net(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, net.eval()(x)[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_head_reads_every_layer_or_only_the_last(cell):
+    torch.manual_seed(0)
+    every = CharRNN(ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=3), VOCAB).eval()
+    last_only = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=3, head_input="last")
+    last = CharRNN(last_only, VOCAB).eval()
+    assert every.head.in_features == 30 and last.head.in_features == 10
+    last.load_state_dict({**every.state_dict(), "head.weight": every.head.weight[:, 20:]})
+    x = random_ids(2, 9)
+    # Layer 3's columns of the head alone give the last-layer model's logits.
+    assert not torch.allclose(every(x)[0], last(x)[0])
+    with torch.no_grad():
+        every.head.weight[:, :20] = 0
+    torch.testing.assert_close(every(x)[0], last(x)[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -183,7 +208,7 @@ def _hand_count(cell: str, vocab: int, embed: int, hidden: int, layers: int) -> 
         count += gates * hidden * width_in  # input weights
         count += gates * hidden * hidden  # recurrent weights
         count += 2 * gates * hidden  # two bias vectors
-    return count + hidden * vocab + vocab  # output head
+    return count + layers * hidden * vocab + vocab  # output head, reading every layer
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -349,6 +349,7 @@ def test_prompt_may_be_any_integer_dtype():
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("n_layers", [1, 3])
+@pytest.mark.parametrize("head_input", ["all", "last"])
 @pytest.mark.parametrize(
     "settings_",
     [
@@ -357,9 +358,10 @@ def test_prompt_may_be_any_integer_dtype():
         {"temperature": 0.0},
     ],
 )
-def test_fast_stepper_draws_exactly_what_the_module_draws(cell, n_layers, settings_):
+def test_fast_stepper_draws_exactly_what_the_module_draws(cell, n_layers, head_input, settings_):
     torch.manual_seed(n_layers)
     config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=16, n_layers=n_layers, dropout=0.3)
+    config.head_input = head_input
     net = CharRNN(config, VOCAB)
     with torch.no_grad():
         net.head.weight.mul_(3)

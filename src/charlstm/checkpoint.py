@@ -163,6 +163,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         )
     if not isinstance(document.get("config"), dict):
         raise CharLSTMError(f"{directory / CONFIG_FILE} is malformed: it has no config table")
+    model = document["config"].get("model")
+    if isinstance(model, dict):  # written before the head could read every layer
+        model.setdefault("head_input", "last")
     try:
         config = RunConfig.from_dict(document["config"])
         vocab = Vocab.from_json(document["vocab"])

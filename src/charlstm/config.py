@@ -44,25 +44,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layers": 1,
         "hidden_dim": 384,
         "dropout": 0.0,
+        "weight_decay": 0.2,
         "seq_len": 64,
         "eval_every": 5000,
     },
     "5m": {"time_budget": "5m"},
     # Long enough for a wider network, which memorises 1 MB of text unless dropout and weight
-    # decay are strong (512 units with dropout 0.4 peaked at 1.41, then overfit). Measured with
-    # AdamW; Muon at this budget is still to be measured.
+    # decay are strong (with Muon, 384 units still peak two thirds of the way through).
     "20m": {
         "time_budget": "20m",
-        "optimizer": "adamw",
         "hidden_dim": 384,
         "dropout": 0.5,
-        "weight_decay": 0.3,
+        "weight_decay": 0.5,
         "lr": 7e-3,
         "warmup_steps": 100,
     },
 }
 
 CELLS = ("lstm", "gru", "rnn")
+HEAD_INPUTS = ("all", "last")
 BATCHING = ("stateful", "random")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("muon", "adamw")
@@ -79,7 +79,12 @@ class ModelConfig:
     embed_dim: int = option(128, "width of the character embedding")
     hidden_dim: int = option(256, "hidden units per recurrent layer")
     n_layers: int = option(2, "number of stacked recurrent layers")
-    dropout: float = option(0.2, "dropout between layers and before the output head, in [0, 1)")
+    dropout: float = option(0.2, "dropout on every layer's output, in [0, 1)")
+    head_input: str = option(
+        "all",
+        "what the output head reads: every layer's output side by side, or the last layer's",
+        choices=HEAD_INPUTS,
+    )
     weight_dropout: float = option(
         0.0,
         "DropConnect on the recurrent weights: the fraction of W_hh entries zeroed for each "
@@ -142,7 +147,9 @@ class TrainConfig:
     )
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
-    weight_decay: float = option(0.2, "AdamW weight decay (matrices only, not biases or embedding)")
+    weight_decay: float = option(
+        0.4, "decoupled weight decay, scaled by --lr (matrices only, not biases or embedding)"
+    )
     warmup_steps: int = option(50, "linear learning-rate warm-up steps")
     schedule: str = option(
         "cosine",

@@ -49,17 +49,6 @@ def available() -> bool:
     return backend() is not None
 
 
-def trains(cell: str, hidden_dim: int, device: torch.device, autocast: torch.dtype | None) -> bool:
-    """Whether training this model on ``device`` with ``autocast`` runs through the kernel."""
-    return (
-        cell == "lstm"
-        and hidden_dim % _COLUMNS == 0
-        and device.type == "cpu"
-        and autocast == torch.bfloat16
-        and available()
-    )
-
-
 def applies(rnn: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`lstm_forward` can stand in for ``rnn(x)`` here: a plain LSTM whose hidden
     width is a multiple of 32, on a CPU tensor, under bf16 autocast, with the kernel usable."""
@@ -83,17 +72,16 @@ def lstm_forward(
     state: State | None,
     *,
     embedding: torch.Tensor | None = None,
-    between: float = 0.0,
-    after: float = 0.0,
+    rate: float = 0.0,
     generator: torch.Generator | None = None,
     weights: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, State]:
-    """``rnn(x, state)`` computed by the kernel, time-major: x (T, B, E) -> output (T, B, H) in
-    bf16 and the final (h, c), each (n_layers, B, H) in fp32. Differentiable in x, state and
-    weights. With ``embedding`` (V, E), x holds ids (T, B) and the input is their embedding.
-    Dropout with rate ``between`` on each layer's output but the last, and ``after`` on the
-    last; its masks are hashed from one seed per layer drawn from ``generator``. ``weights``
-    replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
+) -> tuple[list[torch.Tensor], State]:
+    """``rnn(x, state)`` computed by the kernel, time-major: x (T, B, E) -> every layer's
+    output, each (T, B, H) in bf16, and the final (h, c), each (n_layers, B, H) in fp32.
+    Differentiable in x, state and weights. With ``embedding`` (V, E), x holds ids (T, B) and
+    the input is their embedding. Each layer's output has dropout with ``rate``, its mask
+    hashed from one seed per layer drawn from ``generator``; the next layer reads it so.
+    ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
     weights = weights or {}
     amx = backend() == "amx"
     batch = x.shape[1]
@@ -104,11 +92,10 @@ def lstm_forward(
     else:
         state = tuple(_pad_rows(s.float(), padded, dim=1) for s in state)
     layer_input = _pad_rows(x, padded, dim=1)
-    finals_h, finals_c = [], []
+    outputs, finals_h, finals_c = [], [], []
     for layer in range(rnn.num_layers):
         names = [f"{name}_l{layer}" for name in _WEIGHTS]
         w_ih, w_hh, b_ih, b_hh = [weights.get(name, getattr(rnn, name)) for name in names]
-        rate = after if layer == rnn.num_layers - 1 else between
         seed = int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
         h0, c0 = state[0][layer], state[1][layer]
         if layer == 0 and embedding is not None:
@@ -121,12 +108,10 @@ def lstm_forward(
         else:
             inputs = layer_input, None, w_ih, w_hh, b_ih, b_hh, None
         layer_input, h, c = _Layer.apply(*inputs, h0, c0, rate, seed, amx)
+        outputs.append(layer_input[:, :batch])
         finals_h.append(h)
         finals_c.append(c)
-    return layer_input[:, :batch], (
-        torch.stack(finals_h)[:, :batch],
-        torch.stack(finals_c)[:, :batch],
-    )
+    return outputs, (torch.stack(finals_h)[:, :batch], torch.stack(finals_c)[:, :batch])
 
 
 _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

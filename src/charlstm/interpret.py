@@ -26,7 +26,7 @@ import torch
 from charlstm.data import BYTES
 from charlstm.errors import CharLSTMError
 from charlstm.lm import CharLM
-from charlstm.model import CharRNN
+from charlstm.model import WEIGHT_NAMES, CharRNN, run_layer
 
 MIN_CHARS = 100  # fewer characters than this make correlations meaningless
 DEFAULT_MAX_CHARS = 20_000
@@ -145,28 +145,16 @@ def record_activations(net: CharRNN, ids: np.ndarray) -> dict[str, np.ndarray]:
     x = net.embed(torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)).float()
     series: dict[str, np.ndarray] = {}
     for layer in range(config.n_layers):
-        weights = [
-            getattr(rnn, f"{name}_l{layer}").float()
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        ]
+        weights = [getattr(rnn, f"{name}_l{layer}").float() for name in WEIGHT_NAMES]
         if config.cell == "lstm":
             h, c = _lstm_layer(x, *weights)
             series[f"h{layer + 1}"], series[f"c{layer + 1}"] = h.cpu().numpy(), c.cpu().numpy()
         else:
-            h = _single_layer(rnn, weights)(x[None])[0][0]
+            out, _ = run_layer(config.cell, x[None], (x.new_zeros(1, rnn.hidden_size),), weights)
+            h = out[0]
             series[f"h{layer + 1}"] = h.cpu().numpy()
         x = h  # the next layer reads this one's hidden state
     return series
-
-
-def _single_layer(rnn: torch.nn.RNNBase, weights: list[torch.Tensor]) -> torch.nn.RNNBase:
-    """A one-layer copy (same class, same nonlinearity) of one layer of a GRU or RNN stack."""
-    w_ih = weights[0]
-    options = {"nonlinearity": rnn.nonlinearity} if isinstance(rnn, torch.nn.RNN) else {}
-    single = type(rnn)(w_ih.shape[1], rnn.hidden_size, 1, batch_first=True, **options)
-    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-    single.load_state_dict(dict(zip(names, weights, strict=True)))
-    return single.to(w_ih.device)
 
 
 def _lstm_layer(

@@ -1,14 +1,17 @@
 """CharRNN: embedding -> LSTM | GRU | vanilla RNN stack -> dropout -> linear head.
 
-The network knows nothing of text, files or training: it maps integer ids to next-id logits.
+The head reads every layer's output side by side (``--head-input all``, the default), or the
+last layer's alone (``last``, the classic char-rnn). The network knows nothing of text, files
+or training: it maps integer ids to next-id logits.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from charlstm import fused_lstm
 from charlstm.config import ModelConfig
@@ -18,6 +21,9 @@ from charlstm.config import ModelConfig
 State = tuple[torch.Tensor, ...]
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+# One layer of each cell as a function of explicit weights: the op that nn.LSTM & co. call.
+_LAYER_FUNCTIONS = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class CharRNN(nn.Module):
@@ -29,16 +35,13 @@ class CharRNN(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed_dim)
+        # Holds the weights only: forward runs the layers one by one (see run_layer) to apply
+        # its own dropout masks and to hand every layer's output to the head.
         self.rnn = _CELLS[config.cell](
-            config.embed_dim,
-            config.hidden_dim,
-            config.n_layers,
-            # PyTorch applies this dropout between layers only, so it is moot for one layer.
-            dropout=config.dropout if config.n_layers > 1 else 0.0,
-            batch_first=True,
+            config.embed_dim, config.hidden_dim, config.n_layers, batch_first=True
         )
-        self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_dim, vocab_size)
+        heads = config.n_layers if config.head_input == "all" else 1
+        self.head = nn.Linear(heads * config.hidden_dim, vocab_size)
 
     def forward(
         self,
@@ -51,27 +54,34 @@ class CharRNN(nn.Module):
 
         x: (B, T) integer ids; state: from :meth:`initial_state` or a previous call, or None
         for zeros. Returns logits (B, T, vocab_size) and the new state. ``generator``, if
-        given, draws the dropout masks that torch.nn.LSTM does not draw itself (all of them
-        on the fused-kernel path), so that threads training shards of one batch stay reproducible.
+        given, draws every dropout mask, so that threads training shards of one batch stay
+        reproducible.
         """
-        p = self.drop.p if self.training else 0.0
-        weights = self._recurrent_weights(generator)
+        rate = self.config.dropout if self.training else 0.0
+        weights = {**dict(self.rnn.named_parameters()), **self._recurrent_weights(generator)}
         if fused_lstm.applies(self.rnn, x):  # bf16 autocast on a CPU the kernel runs on
             # Time-major there, so that each step's rows lie together in memory.
-            between = self.rnn.dropout if self.training else 0.0
-            out, new_state = fused_lstm.lstm_forward(
-                self.rnn, x.t(), state, embedding=self.embed.weight, between=between, after=p,
+            outputs, new_state = fused_lstm.lstm_forward(
+                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate,
                 generator=generator, weights=weights,
             )  # fmt: skip
-            return self.head(out).transpose(0, 1), new_state
-        emb = self.embed(x)  # (B, T, E)
-        arguments = (emb, _unpack(state, self.config.cell))
-        if weights:
-            out, new_state = functional_call(self.rnn, weights, arguments)
-        else:
-            out, new_state = self.rnn(*arguments)  # (B, T, H)
-        logits = self.head(dropout(out, p, generator))  # (B, T, V)
-        return logits, _pack(new_state)
+            return self.head(self._head_input(outputs)).transpose(0, 1), new_state
+        state = state if state is not None else self.initial_state(x.shape[0])
+        layer_input = self.embed(x)  # (B, T, E)
+        outputs, finals = [], []
+        for layer in range(self.config.n_layers):
+            layer_weights = [weights[f"{name}_l{layer}"] for name in WEIGHT_NAMES]
+            layer_state = tuple(s[layer] for s in state)
+            out, final = run_layer(self.config.cell, layer_input, layer_state, layer_weights)
+            layer_input = dropout(out, rate, generator)  # (B, T, H)
+            outputs.append(layer_input)
+            finals.append(final)
+        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
+        return self.head(self._head_input(outputs)), new_state
+
+    def _head_input(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """What the head reads: every layer's output, concatenated, or the last one's."""
+        return torch.cat(outputs, dim=-1) if self.config.head_input == "all" else outputs[-1]
 
     def _recurrent_weights(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """In training with --weight-dropout, each layer's W_hh with a fresh mask (one mask for
@@ -110,12 +120,17 @@ def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state)
 
 
-def _unpack(state: State | None, cell: str):
-    if state is None:
-        return None
-    # nn.LSTM wants an (h, c) tuple, nn.GRU and nn.RNN a bare h.
-    return state if cell == "lstm" else state[0]
-
-
-def _pack(state) -> State:
-    return tuple(state) if isinstance(state, tuple) else (state,)
+def run_layer(
+    cell: str, x: torch.Tensor, state: State, weights: list[torch.Tensor]
+) -> tuple[torch.Tensor, State]:
+    """One recurrent layer over a batch-first sequence x (B, T, in): its output (B, T, H) and
+    its final state, each part (B, H). ``state`` holds (h, c) for an LSTM, (h,) otherwise, each
+    (B, H); ``weights`` are W_ih, W_hh, b_ih, b_hh, in PyTorch's layout."""
+    hidden = tuple(s.unsqueeze(0).contiguous() for s in state)  # torch's ops want (1, B, H)
+    hx = hidden if cell == "lstm" else hidden[0]
+    with warnings.catch_warnings():
+        # cuDNN copies weights that are not one flat buffer into one, and says so each call.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        # Arguments: biases, layers, dropout, training, bidirectional, batch_first.
+        out, *final = _LAYER_FUNCTIONS[cell](x, hx, weights, True, 1, 0.0, False, False, True)
+    return out, tuple(f.squeeze(0) for f in final)

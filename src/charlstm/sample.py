@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from charlstm.model import CharRNN, State
+from charlstm.model import WEIGHT_NAMES, CharRNN, State
 
 
 def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -128,28 +128,26 @@ class ModuleStepper:
 class NumpyStepper:
     """A CPU CharRNN advanced one character at a time in numpy, from its weights.
 
-    Layer 0's input is folded into a lookup table (embedding times input weights plus biases),
-    and the LSTM gates are reordered so one sigmoid covers three of them. Each higher layer of
-    an LSTM or vanilla RNN keeps its input and its own h side by side in one buffer, so its
-    gates cost one matrix product with the stacked weights: at batch 1 the calls, not the
-    arithmetic, are what a step costs.
+    Every layer's h lies side by side in one buffer, ``hidden`` (N, L * H), so layer l > 0
+    reads [its input | its own h] as one contiguous column range and, for an LSTM or vanilla
+    RNN, computes its gates in one product with the stacked weights; the head reads its input
+    from the same buffer. Layer 0's input is folded into a lookup table (embedding times input
+    weights plus biases), and the LSTM gates are reordered so one sigmoid covers three of them.
+    At batch 1 the calls, not the arithmetic, are what a step costs.
     """
 
     def __init__(self, net: CharRNN, state: State) -> None:
         config, rnn = net.config, net.rnn
-        self.cell, self.hidden = config.cell, config.hidden_dim
+        self.cell, self.size = config.cell, config.hidden_dim
         h, *c = (_array(s) for s in state)  # (n_layers, N, H): h, and c for LSTM
         self.cells = [layer.copy() for layer in c[0]] if c else []
-        size = self.hidden
-        # Layer l reads [its input | its h] from joined[l]; its new h goes to joined[l][:, H:]
-        # and, as the next layer's input, to joined[l + 1][:, :H] (layer 0's input is a lookup).
-        self.joined = [np.concatenate([np.zeros_like(h[0]), h[0]], axis=1)]
-        self.joined += [np.concatenate([h[k - 1], h[k]], axis=1) for k in range(1, len(h))]
+        self.hidden = np.concatenate(list(h), axis=1)  # (N, L * H)
+        rows = len(self.hidden)
         self.layers = []
         for layer in range(config.n_layers):
             w_ih, w_hh, b_ih, b_hh = (
-                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, size)
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, self.size)
+                for name in WEIGHT_NAMES
             )
             # Layer 0's input product becomes a lookup table: one row per input id.
             w_ih = _array(net.embed.weight) @ w_ih.T + b_ih if layer == 0 else w_ih.T
@@ -161,17 +159,20 @@ class NumpyStepper:
             else:
                 weights = (np.concatenate([w_ih, w_hh.T]), b_ih + b_hh, None, None)
             w_in, *rest = weights  # layer 0's w_in is a table indexed by rows, not a product
-            w_in = np.ascontiguousarray(w_in) if layer == 0 else _right_operand(w_in, len(h[0]))
-            self.layers.append((w_in, *(_right_operand(a, len(h[0])) for a in rest)))
-        self.head_weight = _right_operand(_array(net.head.weight).T, len(h[0]))
+            w_in = np.ascontiguousarray(w_in) if layer == 0 else _right_operand(w_in, rows)
+            self.layers.append((w_in, *(_right_operand(a, rows) for a in rest)))
+        head_weight = _array(net.head.weight).T
+        self.head_input = self.hidden[:, self.hidden.shape[1] - len(head_weight) :]
+        self.head_weight = _right_operand(head_weight, rows)
         self.head_bias = _array(net.head.bias)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """(N,) ids in, (N, V) float32 logits of the next character out."""
-        size, last = self.hidden, len(self.layers) - 1
+        size = self.size
         for layer, (w_in, b_in, w_hh, b_hh) in enumerate(self.layers):
-            joined = self.joined[layer]
-            h = joined[:, size:]
+            h = self.hidden[:, layer * size : (layer + 1) * size]
+            # Above layer 0, [input | h] is the previous layer's h and this one's, side by side.
+            joined = self.hidden[:, (layer - 1) * size : (layer + 1) * size] if layer else h
             if self.cell == "gru":
                 inputs = w_in[ids] if layer == 0 else joined[:, :size] @ w_in + b_in
                 new_h = _gru(inputs, h @ w_hh + b_hh, h, size)
@@ -179,12 +180,10 @@ class NumpyStepper:
                 gates = w_in[ids] + h @ w_hh if layer == 0 else joined @ w_in + b_in
                 new_h = self._lstm(layer, gates) if self.cell == "lstm" else np.tanh(gates)
             h[...] = new_h
-            if layer < last:
-                self.joined[layer + 1][:, :size] = new_h
-        return new_h @ self.head_weight + self.head_bias
+        return self.head_input @ self.head_weight + self.head_bias
 
     def _lstm(self, layer: int, gates: np.ndarray) -> np.ndarray:
-        size = self.hidden
+        size = self.size
         ifo = _sigmoid(gates[:, : 3 * size])  # input, forget, output (see _gate_order)
         candidate = np.tanh(gates[:, 3 * size :])
         c = ifo[:, size : 2 * size] * self.cells[layer] + ifo[:, :size] * candidate

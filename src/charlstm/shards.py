@@ -70,11 +70,9 @@ class Shards:
             self.pool.shutdown()
 
 
-def shard_count(device: torch.device, batch_size: int, dropout: float, fused: bool) -> int:
-    """One shard per CPU thread; one on GPUs. With dropout, only where the fused kernel runs the
-    LSTM (``fused``): torch.nn.LSTM draws its masks from the one global generator, in an order
-    that would depend on thread timing."""
-    if device.type != "cpu" or (dropout > 0 and not fused):
+def shard_count(device: torch.device, batch_size: int) -> int:
+    """One shard per CPU thread (at most one per row); one on GPUs."""
+    if device.type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), batch_size))
 

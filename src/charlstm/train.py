@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from charlstm import distributed, fused_lstm
+from charlstm import distributed
 from charlstm.batching import IGNORE, make_batcher
 from charlstm.checkpoint import (
     read_checkpoint,
@@ -174,9 +174,7 @@ class _Trainer:
         self.optimizer = _make_optimizer(net, self.tc, self.autocast)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.average = WeightAverage(net, self.tc.ema) if self.tc.ema > 0 else None
-        mc = config.model
-        fused = fused_lstm.trains(mc.cell, mc.hidden_dim, device, self.autocast)
-        shards = shard_count(device, self.tc.batch_size, mc.dropout, fused)
+        shards = shard_count(device, self.tc.batch_size)
         self.shards = Shards(1 if self.ddp is not None else shards)
         # fp16 needs loss scaling to keep small gradients representable; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
