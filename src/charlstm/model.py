@@ -7,7 +7,9 @@ or training: it maps integer ids to next-id logits.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -128,9 +130,16 @@ def run_layer(
     (B, H); ``weights`` are W_ih, W_hh, b_ih, b_hh, in PyTorch's layout."""
     hidden = tuple(s.unsqueeze(0).contiguous() for s in state)  # torch's ops want (1, B, H)
     hx = hidden if cell == "lstm" else hidden[0]
-    with warnings.catch_warnings():
-        # cuDNN copies weights that are not one flat buffer into one, and says so each call.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+    # (warnings' filters are process-wide, so touched only on CUDA, which trains unsharded)
+    with _quiet_cudnn() if x.is_cuda else contextlib.nullcontext():
         # Arguments: biases, layers, dropout, training, bidirectional, batch_first.
         out, *final = _LAYER_FUNCTIONS[cell](x, hx, weights, True, 1, 0.0, False, False, True)
     return out, tuple(f.squeeze(0) for f in final)
+
+
+@contextlib.contextmanager
+def _quiet_cudnn() -> Iterator[None]:
+    """cuDNN copies weights that are not one flat buffer into one, and warns on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        yield
