@@ -329,9 +329,10 @@ def test_run_config_validate_messages_name_the_flag(overrides, flag):
         ("schedule", "--schedule"),
         ("precision", "--precision"),
         ("device", "--device"),
+        ("dropout_mask", "--dropout-mask"),
     ],
 )
-def test_train_choices_are_validated(field, flag):
+def test_choices_are_validated(field, flag):
     """A misspelt choice in a config file must not silently pick another mode."""
     config = RunConfig().with_overrides({field: "bogus"})
     assert flag in error_of(config.validate)

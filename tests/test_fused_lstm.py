@@ -157,7 +157,8 @@ def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
 
 
 @pytest.mark.usefixtures("backend")
-def test_dropout_gradient_uses_the_forward_mask():
+@pytest.mark.parametrize("locked", [False, True])
+def test_dropout_gradient_uses_the_forward_mask(locked):
     # Each layer's output is dropped, and the next layer reads it so; the backward must zero
     # exactly the elements the forward dropped. Compare with torch.nn.LSTM layers joined by
     # the very masks the kernel drew (read off its outputs).
@@ -169,9 +170,12 @@ def test_dropout_gradient_uses_the_forward_mask():
     x = torch.randn(16, 30, 24, requires_grad=True)
     weights = torch.randn(16, 30, 64)
     generator = torch.Generator().manual_seed(3)
-    (out_first, out), _ = kernel_layers(lstm, x, rate=0.5, generator=generator)
+    (out_first, out), _ = kernel_layers(lstm, x, rate=0.5, locked=locked, generator=generator)
     first_mask, mask = ((o.float() != 0).float() / 0.5 for o in (out_first, out))
     assert 0.45 < float((first_mask == 0).float().mean()) < 0.55
+    # Locked: one mask per stream (row) for every step; otherwise a fresh one at each step.
+    held = [bool((m == m[:, :1]).all()) for m in (first_mask, mask)]
+    assert held == [locked, locked]
     hidden_first, _ = first(x)
     expected_out = second(hidden_first * first_mask)[0] * mask
     assert relative_error(out, expected_out) < 1e-2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from charlstm.config import ModelConfig
+from charlstm.config import DROPOUT_MASKS, ModelConfig
 from charlstm.errors import CharLSTMError
 from charlstm.model import CharRNN, detach_state
 
@@ -109,6 +110,23 @@ def test_every_dropout_mask_comes_from_the_generator(cell):
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert not torch.allclose(a, net.eval()(x)[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_sequence_dropout_masks_hold_for_every_step_of_a_stream(cell):
+    # A one-layer net whose head sees only the dropped output: a unit dropped for a stream
+    # leaves its head column unread at every step of that stream, and only then.
+    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=1, dropout=0.5)
+    held, seen = {}, {}
+    for mask in DROPOUT_MASKS:
+        torch.manual_seed(0)
+        net = CharRNN(dataclasses.replace(config, dropout_mask=mask), VOCAB).train()
+        net.head.register_forward_hook(lambda _m, inputs, _o: seen.update(x=inputs[0]))
+        net(random_ids(8, 20), generator=torch.Generator().manual_seed(1))
+        dropped = seen["x"] == 0  # (B, T, H)
+        assert 0.4 < float(dropped.float().mean()) < 0.6
+        held[mask] = bool((dropped == dropped[:, :1]).all())
+    assert held == {"step": False, "sequence": True}
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -63,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 CELLS = ("lstm", "gru", "rnn")
 HEAD_INPUTS = ("all", "last")
+DROPOUT_MASKS = ("step", "sequence")
 BATCHING = ("stateful", "random")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("muon", "adamw")
@@ -80,6 +81,12 @@ class ModelConfig:
     hidden_dim: int = option(256, "hidden units per recurrent layer")
     n_layers: int = option(2, "number of stacked recurrent layers")
     dropout: float = option(0.2, "dropout on every layer's output, in [0, 1)")
+    dropout_mask: str = option(
+        "step",
+        "a fresh --dropout mask at every character (step), or one per stream held for the "
+        "whole --seq-len window (sequence: locked or variational dropout)",
+        choices=DROPOUT_MASKS,
+    )
     head_input: str = option(
         "all",
         "what the output head reads: every layer's output side by side, or the last layer's",

@@ -138,11 +138,14 @@ TARGET static inline __m512 load_fp16(const uint16_t *src) {
 }
 
 /* Dropout on the layer's output, drawn from a counter-based hash of (seed, element index) so
- * that the backward recomputes the forward's mask instead of storing it. */
+ * that the backward recomputes the forward's mask instead of storing it. Element (t, b, j)
+ * has index t * step_stride + b * H + j: step_stride B * H gives every step its own mask, 0
+ * holds one mask over the whole sequence. */
 typedef struct {
     uint32_t threshold; /* keep an element if its 24-bit hash is below this: keep * 2^24 */
     float scale;        /* 1 / keep */
     uint32_t seed_a, seed_b;
+    uint32_t step_stride;
 } dropout_mask;
 
 TARGET static inline __m512i mix32(__m512i x) {
@@ -378,7 +381,7 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
             .h_out = h_out + (size_t)t * B * H,
             .h_next = last ? NULL : xh + (size_t)(t + 1) * B * K + E,
             .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
-            .drop = drop, .first = (uint32_t)((size_t)t * B * H),
+            .drop = drop, .first = drop ? (uint32_t)t * drop->step_stride : 0,
         };
         if (amx)
             forward_step_amx(&p, scratch);
@@ -538,7 +541,7 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                 __m512 cp = s_prev ? _mm512_loadu_ps(s_prev[(size_t)u * B + b].c)
                                    : _mm512_loadu_ps(c0 + k);
                 __m512 from_out = load_bf16(dh_out + (size_t)t * B * H + k);
-                if (drop) from_out = _mm512_mul_ps(from_out, dropout_factor(drop, t * B * H + k));
+                if (drop) from_out = _mm512_mul_ps(from_out, dropout_factor(drop, t * drop->step_stride + k));
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));
@@ -668,9 +671,12 @@ static int check_usable(int amx) {
 }
 
 #if HAVE_X86_BUILD
-/* A mask keeping each element with probability `keep` (no mask for keep >= 1). */
-static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed) {
+/* A mask keeping each element with probability `keep` (no mask for keep >= 1), fresh at every
+ * step of the sequence or, if `locked`, one for all of its steps. */
+static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed,
+                                     int locked, int B, int H) {
     if (keep >= 1.0) return NULL;
+    m->step_stride = locked ? 0 : (uint32_t)B * (uint32_t)H;
     m->threshold = (uint32_t)(keep * 16777216.0 + 0.5);
     m->scale = (float)(1.0 / keep);
     m->seed_a = (uint32_t)seed;
@@ -690,16 +696,16 @@ static int check_shape(int B, int E, int H) {
 /* Pointers arrive as integers (tensor.data_ptr()); the caller owns and sizes every buffer. */
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H, amx;
+    int T, B, E, H, locked, amx;
     unsigned long long xh, w, bias, ids, c0, saved, h_out, h_last, c_last, seed;
     double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
-                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &amx))
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKpp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
+                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &locked, &amx))
         return NULL;
     if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
 #if HAVE_X86_BUILD
     dropout_mask mask;
-    const dropout_mask *drop = make_mask(&mask, keep, seed);
+    const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_forward(T, B, E, H, (uint16_t *)xh, (const uint16_t *)w, (const float *)bias,
@@ -713,16 +719,16 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H, amx;
+    int T, B, E, H, locked, amx;
     unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, seed;
     double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKp", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
-                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &amx))
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKpp", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
+                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &locked, &amx))
         return NULL;
     if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
 #if HAVE_X86_BUILD
     dropout_mask mask;
-    const dropout_mask *drop = make_mask(&mask, keep, seed);
+    const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,

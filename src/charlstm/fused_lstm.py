@@ -73,6 +73,7 @@ def lstm_forward(
     *,
     embedding: torch.Tensor | None = None,
     rate: float = 0.0,
+    locked: bool = False,
     generator: torch.Generator | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], State]:
@@ -80,7 +81,8 @@ def lstm_forward(
     output, each (T, B, H) in bf16, and the final (h, c), each (n_layers, B, H) in fp32.
     Differentiable in x, state and weights. With ``embedding`` (V, E), x holds ids (T, B) and
     the input is their embedding. Each layer's output has dropout with ``rate``, its mask
-    hashed from one seed per layer drawn from ``generator``; the next layer reads it so.
+    hashed from one seed per layer drawn from ``generator`` (fresh at every step, or one for
+    all steps if ``locked``); the next layer reads it so.
     ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
     weights = weights or {}
     amx = backend() == "amx"
@@ -107,7 +109,7 @@ def lstm_forward(
             inputs = None, ids, None, w_hh, None, None, table
         else:
             inputs = layer_input, None, w_ih, w_hh, b_ih, b_hh, None
-        layer_input, h, c = _Layer.apply(*inputs, h0, c0, rate, seed, amx)
+        layer_input, h, c = _Layer.apply(*inputs, h0, c0, rate, seed, locked, amx)
         outputs.append(layer_input[:, :batch])
         finals_h.append(h)
         finals_c.append(c)
@@ -119,13 +121,14 @@ _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 class _Layer(torch.autograd.Function):
     """One LSTM layer over a whole sequence: x (T, B, E), h0 and c0 (B, H) -> out (T, B, H)
-    after dropout with ``rate`` (masks hashed from ``seed``), and h_T, c_T; the products on
+    after dropout with ``rate`` (masks hashed from ``seed``, one for all steps if ``locked``),
+    and h_T, c_T; the products on
     AMX tiles if ``amx``, else AVX-512 BF16. B must be a multiple of 16; E is padded to a
     multiple of 32 here. For a layer whose input is a lookup, x, w_ih and the biases are None:
     ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds W_ih x + b_ih + b_hh for each."""
 
     @staticmethod
-    def forward(ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0, rate, seed, amx):
+    def forward(ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0, rate, seed, locked, amx):
         hidden = w_hh.shape[1]
         if ids is None:
             steps, batch, width = x.shape
@@ -150,11 +153,12 @@ class _Layer(torch.autograd.Function):
         c_last = torch.empty(batch, hidden)
         _fused_lstm.forward(
             steps, batch, padded, hidden, *_pointers(joined, forward_weights, table),
-            _id_pointer(ids), *_pointers(c0, saved, out, h_last, c_last), 1 - rate, seed, amx,
+            _id_pointer(ids), *_pointers(c0, saved, out, h_last, c_last), 1 - rate, seed, locked,
+            amx,
         )  # fmt: skip
         ctx.save_for_backward(joined, saved, c0, backward_weights, ids)
         ctx.sizes = steps, batch, width, padded, hidden
-        ctx.dropout = 1 - rate, seed
+        ctx.dropout = 1 - rate, seed, locked
         ctx.amx = amx
         ctx.input_dtype = x.dtype
         ctx.vocab = None if ids is None else table.shape[0]
@@ -192,7 +196,7 @@ class _Layer(torch.autograd.Function):
         return None, None, None, d_w_hh, None, None, d_bias, d_h, d_c, *_NONE
 
 
-_NONE = (None, None, None)  # no gradient for rate, seed and amx
+_NONE = (None, None, None, None)  # no gradient for rate, seed, locked and amx
 
 
 def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:

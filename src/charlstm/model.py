@@ -60,11 +60,12 @@ class CharRNN(nn.Module):
         reproducible.
         """
         rate = self.config.dropout if self.training else 0.0
+        locked = self.config.dropout_mask == "sequence"
         weights = {**dict(self.rnn.named_parameters()), **self._recurrent_weights(generator)}
         if fused_lstm.applies(self.rnn, x):  # bf16 autocast on a CPU the kernel runs on
             # Time-major there, so that each step's rows lie together in memory.
             outputs, new_state = fused_lstm.lstm_forward(
-                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate,
+                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate, locked=locked,
                 generator=generator, weights=weights,
             )  # fmt: skip
             return self.head(self._head_input(outputs)).transpose(0, 1), new_state
@@ -75,7 +76,7 @@ class CharRNN(nn.Module):
             layer_weights = [weights[f"{name}_l{layer}"] for name in WEIGHT_NAMES]
             layer_state = tuple(s[layer] for s in state)
             out, final = run_layer(self.config.cell, layer_input, layer_state, layer_weights)
-            layer_input = dropout(out, rate, generator)  # (B, T, H)
+            layer_input = dropout(out, rate, generator, locked=locked)  # (B, T, H)
             outputs.append(layer_input)
             finals.append(final)
         new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
@@ -106,14 +107,18 @@ class CharRNN(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+def dropout(
+    x: torch.Tensor, p: float, generator: torch.Generator | None, *, locked: bool = False
+) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p); the mask
-    comes from ``generator`` (the global generator if None)."""
+    comes from ``generator`` (the global generator if None). With ``locked``, x is (B, T, H)
+    and each stream b keeps one mask over all T steps (locked, or variational, dropout)."""
     if p == 0:
         return x
-    if generator is None:
+    if generator is None and not locked:
         return F.dropout(x, p, training=True)
-    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    shape = (x.shape[0], 1, x.shape[2]) if locked else x.shape
+    keep = x.new_empty(shape).bernoulli_(1 - p, generator=generator)
     return x * keep.div_(1 - p)
 
 
