@@ -126,7 +126,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     config = tmp_path / "run.toml"
     config.write_text(
         "sample-length = 0\n"
-        "[model]\nhidden-dim = 48\nembed_dim = 16\ndropout-mask = \"sequence\"\n"
+        '[model]\nhidden-dim = 48\nembed_dim = 16\ndropout-mask = "sequence"\n'
         "[train]\nmax_steps = 1000\nbatch_size = 8\nseq_len = 32\nlr = 0.005\n"
         'device = "cpu"\nprecision = "fp32"\n',
         encoding="utf-8",
