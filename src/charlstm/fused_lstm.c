@@ -541,7 +541,9 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                 __m512 cp = s_prev ? _mm512_loadu_ps(s_prev[(size_t)u * B + b].c)
                                    : _mm512_loadu_ps(c0 + k);
                 __m512 from_out = load_bf16(dh_out + (size_t)t * B * H + k);
-                if (drop) from_out = _mm512_mul_ps(from_out, dropout_factor(drop, t * drop->step_stride + k));
+                if (drop)
+                    from_out = _mm512_mul_ps(from_out,
+                                             dropout_factor(drop, t * drop->step_stride + k));
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));

@@ -122,10 +122,10 @@ _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 class _Layer(torch.autograd.Function):
     """One LSTM layer over a whole sequence: x (T, B, E), h0 and c0 (B, H) -> out (T, B, H)
     after dropout with ``rate`` (masks hashed from ``seed``, one for all steps if ``locked``),
-    and h_T, c_T; the products on
-    AMX tiles if ``amx``, else AVX-512 BF16. B must be a multiple of 16; E is padded to a
-    multiple of 32 here. For a layer whose input is a lookup, x, w_ih and the biases are None:
-    ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds W_ih x + b_ih + b_hh for each."""
+    and h_T, c_T; the products on AMX tiles if ``amx``, else AVX-512 BF16. B must be a
+    multiple of 16; E is padded to a multiple of 32 here. For a layer whose input is a lookup,
+    x, w_ih and the biases are None: ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds
+    W_ih x + b_ih + b_hh for each."""
 
     @staticmethod
     def forward(ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0, rate, seed, locked, amx):
