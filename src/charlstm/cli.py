@@ -106,10 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # Under torchrun every process fails (non-zero) but only rank 0 prints the line.
         distributed.report(f"error: {e}")
+        distributed.shutdown()  # a process group left to the interpreter's exit can abort it
         return EXIT_USAGE
     except TrainingInterrupted as e:
         under = " (in the same torchrun command)" if distributed.launched() else ""
         distributed.report(f"{e}; continue with: charlstm train --resume {e.run_dir}{under}")
+        distributed.shutdown()
         return e.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
