@@ -127,6 +127,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     config.write_text(
         "sample-length = 0\n"
         '[model]\nhidden-dim = 48\nembed_dim = 16\ndropout-mask = "sequence"\n'
+        "recurrent-dropout = 0.25\n"
         "[train]\nmax_steps = 1000\nbatch_size = 8\nseq_len = 32\nlr = 0.005\n"
         'device = "cpu"\nprecision = "fp32"\n',
         encoding="utf-8",
@@ -146,6 +147,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     assert saved["config"]["model"]["hidden_dim"] == 48
     assert saved["config"]["model"]["embed_dim"] == 16
     assert saved["config"]["model"]["dropout_mask"] == "sequence"
+    assert saved["config"]["model"]["recurrent_dropout"] == 0.25
     assert (saved["config"]["train"]["batch_size"], saved["config"]["train"]["seq_len"]) == (8, 32)
     assert saved["config"]["train"]["lr"] == 0.002  # the flag beat the file's 0.005
 
@@ -158,6 +160,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     assert saved["step"] == 9
     assert saved["config"]["model"]["hidden_dim"] == 48
     assert saved["config"]["model"]["dropout_mask"] == "sequence"
+    assert saved["config"]["model"]["recurrent_dropout"] == 0.25
 
 
 # ---- sample ---------------------------------------------------------------------------------

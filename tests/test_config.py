@@ -274,6 +274,12 @@ RUN_CONFIG_ERRORS = [
     ({"dropout": float("nan")}, "--dropout must be in [0, 1)"),
     ({"weight_dropout": 1.0}, "--weight-dropout must be in [0, 1)"),
     ({"weight_dropout": -0.1}, "--weight-dropout must be in [0, 1)"),
+    ({"recurrent_dropout": 1.0}, "--recurrent-dropout must be in [0, 1)"),
+    (
+        {"cell": "gru", "recurrent_dropout": 0.2},
+        "--recurrent-dropout drops an LSTM's cell update and --cell gru has none: use --cell "
+        "lstm, or --dropout and --weight-dropout",
+    ),
     ({"data": []}, "--data needs at least one file, directory or corpus name"),
     ({"val_fraction": 0.0}, "--val-fraction must be in (0, 1)"),
     ({"val_fraction": 1.0}, "--val-fraction must be in (0, 1)"),

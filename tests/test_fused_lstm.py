@@ -9,6 +9,7 @@ everywhere.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from conftest import tiny_config
 import charlstm
 from charlstm import fused_lstm
 from charlstm.config import ModelConfig
-from charlstm.model import CharRNN
+from charlstm.model import CharRNN, run_lstm_layer_dropping_updates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,6 +188,47 @@ def test_dropout_gradient_uses_the_forward_mask(locked):
         assert relative_error(g, e) < 2e-2
 
 
+def kernel_update_mask(batch, steps, hidden, **dropout):
+    """The mask the kernel puts on the cell update, read off a layer whose input and forget
+    gates are saturated open and shut, with g = 0.5 and o = 1: there h_t = tanh(0.5 m_t)."""
+    probe = make_lstm(32, hidden, 1)
+    with torch.no_grad():
+        for param in probe.parameters():
+            param.zero_()
+        gates = torch.tensor([30.0, -30.0, math.atanh(0.5), 30.0])
+        probe.bias_ih_l0.copy_(gates.repeat_interleave(hidden))
+    out, _ = kernel(probe, torch.zeros(batch, steps, 32), **dropout)
+    return (out.float() > 0.25).float() / (1 - dropout["recurrent_rate"])
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("locked", [False, True])
+def test_recurrent_dropout_matches_the_stepped_layer_with_the_kernels_masks(locked):
+    lstm = make_lstm(32, 64, 1)
+    x = torch.randn(16, 30, 32, requires_grad=True)
+    state = (torch.randn(16, 64) * 0.5, torch.randn(16, 64))
+    weights = torch.randn(16, 30, 64)
+    dropout = {"recurrent_rate": 0.4, "locked": locked}
+    mask = kernel_update_mask(16, 30, 64, **dropout, generator=torch.Generator().manual_seed(3))
+    assert 0.35 < float((mask == 0).float().mean()) < 0.45
+    assert bool((mask == mask[:, :1]).all()) == locked  # one mask per stream if locked
+    out, (h, c) = kernel(
+        lstm, x, tuple(s.unsqueeze(0) for s in state), **dropout,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    expected, (expected_h, expected_c) = run_lstm_layer_dropping_updates(
+        x, state, list(lstm.parameters()), mask[:, :1] if locked else mask
+    )
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(h[0], expected_h) < 1e-2
+    assert relative_error(c[0], expected_c) < 1e-2
+    inputs = [x, *lstm.parameters()]
+    got = torch.autograd.grad((out.float() * weights).sum() + c.sum(), inputs)
+    reference = torch.autograd.grad((expected * weights).sum() + expected_c.sum(), inputs)
+    for g, e in zip(got, reference, strict=True):
+        assert relative_error(g, e) < 2e-2
+
+
 @pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("weight_dropout", [0.0, 0.4])
 def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch, weight_dropout):
@@ -235,9 +277,10 @@ def metrics(run_dir):
 @pytest.mark.usefixtures("backend")
 @pytest.mark.usefixtures("two_threads")
 def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):
-    # Dropout on and two shards: every mask comes from a seed drawn in order, so a second run
-    # and a run stopped at step 60 and resumed end with the same bytes as the first.
-    settings = {"precision": "bf16", "dropout": 0.2, "schedule": "constant", "lr": 1e-2}
+    # Both dropouts on and two shards: every mask comes from a seed drawn in order, so a second
+    # run and a run stopped at step 60 and resumed end with the same bytes as the first.
+    settings = {"precision": "bf16", "dropout": 0.2, "recurrent_dropout": 0.1, "lr": 1e-2}
+    settings.update(schedule="constant")
     settings.update(eval_every=30, log_every=10)
 
     def run(name, steps, **extra):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from charlstm.config import DROPOUT_MASKS, ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN, detach_state
+from charlstm.model import CharRNN, detach_state, run_lstm_layer_dropping_updates
 
 CELLS = ("lstm", "gru", "rnn")
 VOCAB = 11
@@ -72,12 +72,13 @@ def test_one_layer_with_dropout(cell):
     assert torch.equal(c, d)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
+def dropout_in_training_only(config: ModelConfig, **off) -> tuple[CharRNN, torch.Tensor]:
+    """Checks a net with ``config`` against one with the same weights and ``off`` (its dropout
+    at 0): in training the masks come from the generator and change the output; in
+    evaluation the two agree exactly. Returns the net and a training output."""
     torch.manual_seed(0)
-    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0, weight_dropout=0.5)
     net = CharRNN(config, VOCAB)
-    plain = CharRNN(ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0), VOCAB)
+    plain = CharRNN(dataclasses.replace(config, **off), VOCAB)
     plain.load_state_dict(net.state_dict())
     x = random_ids(3, 9)
     net.train()
@@ -87,13 +88,46 @@ def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
     assert torch.equal(a, b)  # the masks come from the generator
     assert not torch.allclose(a, c)
     assert not torch.allclose(a, plain.train()(x)[0])
+    torch.testing.assert_close(net.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+    return net, a
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
+    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0, weight_dropout=0.5)
+    net, out = dropout_in_training_only(config, weight_dropout=0.0)
     # The masked product reaches the parameter: W_hh gets a gradient, zero where masked out.
-    a.sum().backward()
+    out.sum().backward()
     grad = net.rnn.weight_hh_l0.grad
     assert grad is not None and grad.abs().sum() > 0
     assert 0.3 < float((grad == 0).float().mean()) < 0.7
-    net.eval()
-    torch.testing.assert_close(net(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_recurrent_dropout_masks_the_cell_update_in_training_only():
+    config = ModelConfig(embed_dim=6, hidden_dim=10, dropout=0.0, recurrent_dropout=0.5)
+    net, out = dropout_in_training_only(config, recurrent_dropout=0.0)
+    out.sum().backward()  # the stepped layer's masked update reaches every LSTM weight
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.rnn.parameters())
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_the_stepped_layer_is_the_lstm_when_nothing_is_dropped_and_masks_its_updates(locked):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 10, batch_first=True)
+    weights = list(lstm.parameters())
+    x, state = torch.randn(4, 12, 6), (torch.randn(4, 10), torch.randn(4, 10))
+    expected, (h, c) = lstm(x, tuple(s.unsqueeze(0) for s in state))
+    ones = torch.ones(4, 1 if locked else 12, 10)
+    got, (got_h, got_c) = run_lstm_layer_dropping_updates(x, state, weights, ones)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((got_h, got_c), (h[0], c[0]), rtol=1e-5, atol=1e-6)
+    # A unit whose update is dropped at every step only forgets: c_T = c_0 times the forget
+    # gates; the others are unchanged up to that unit's influence on them.
+    mask = ones.clone()
+    mask[:, :, 3] = 0
+    _, (_, dropped_c) = run_lstm_layer_dropping_updates(x, state, weights, mask)
+    assert torch.all(dropped_c[:, 3].abs() < state[1][:, 3].abs())
+    assert torch.all(torch.sign(dropped_c[:, 3]) == torch.sign(state[1][:, 3]))
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -50,7 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "5m": {"time_budget": "5m"},
     # Long enough for a wider network, which memorises 1 MB of text unless dropout and weight
-    # decay are strong (with Muon, 384 units still peak two thirds of the way through).
+    # decay are strong (with Muon, 384 units still peak two thirds of the way through), and
+    # for a longer weight average, which holds the best weights through that overfitting.
     "20m": {
         "time_budget": "20m",
         "hidden_dim": 384,
@@ -58,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 0.5,
         "lr": 7e-3,
         "warmup_steps": 100,
+        "ema": 0.998,
     },
 }
 
@@ -92,6 +94,12 @@ class ModelConfig:
         "what the output head reads: every layer's output side by side, or the last layer's",
         choices=HEAD_INPUTS,
     )
+    recurrent_dropout: float = option(
+        0.0,
+        "dropout on what each step adds to an LSTM's cell (recurrent dropout on the update g, "
+        "Semeniuta et al. 2016), in [0, 1): regularises the recurrence without erasing the "
+        "cell's memory; held per stream with --dropout-mask sequence",
+    )
     weight_dropout: float = option(
         0.0,
         "DropConnect on the recurrent weights: the fraction of W_hh entries zeroed for each "
@@ -105,6 +113,12 @@ class ModelConfig:
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
         _require(0 <= self.weight_dropout < 1, "--weight-dropout must be in [0, 1)")
+        _require(0 <= self.recurrent_dropout < 1, "--recurrent-dropout must be in [0, 1)")
+        _require(
+            self.recurrent_dropout == 0 or self.cell == "lstm",
+            f"--recurrent-dropout drops an LSTM's cell update and --cell {self.cell} has none: "
+            "use --cell lstm, or --dropout and --weight-dropout",
+        )
 
 
 @dataclass

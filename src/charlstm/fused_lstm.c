@@ -181,7 +181,9 @@ typedef struct {
     saved_block *saved;        /* what this step saves: [H / 16][B] */
     uint16_t *h_out;       /* [B, H]: h after dropout */
     const dropout_mask *drop; /* NULL: no dropout */
+    const dropout_mask *update_drop; /* on the cell update g (c = f c' + i g m); NULL: none */
     uint32_t first;        /* index of this step's first output element, for the mask */
+    uint32_t update_first;   /* the same for the cell update's mask */
     uint16_t *h_next;      /* row t + 1 of xh (at column E), NULL at the last step */
     float *h_last, *c_last; /* [B, H] at the last step, else NULL */
 } forward_args;
@@ -198,7 +200,9 @@ TARGET static void forward_row(const forward_args *p, int u, int b, const float 
     __m512 o = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(pre[3]), _mm512_loadu_ps(bias + 3 * H + j)));
     __m512 cp = p->s_prev ? _mm512_loadu_ps(p->s_prev[(size_t)u * p->B + b].c)
                           : _mm512_loadu_ps(p->c0 + (size_t)b * H + j);
-    __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
+    const __m512 update = p->update_drop
+        ? _mm512_mul_ps(g, dropout_factor(p->update_drop, p->update_first + b * H + j)) : g;
+    __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, update));
     __m512 tc = tanh_ps(c);
     __m512 h = _mm512_mul_ps(o, tc);
     saved_block *s = p->saved + (size_t)u * p->B + b;
@@ -351,18 +355,22 @@ TARGET static void forward_step_avx512(const forward_args *p) {
     }
 }
 
-/* forward(T, B, E, H, xh, w, bias, ids, c0, saved, h_out, h_last, c_last, drop, amx)
+/* forward(T, B, E, H, xh, w, bias, ids, c0, saved, h_out, h_last, c_last, drop, update_drop,
+ *         amx)
  *   xh [T, B, E + H] bf16: x_t in every row, h0 in row 0; h_t is written into row t + 1
  *   w: the packed [E + H, 4H] matrix [W_ih | W_hh]^T; bias [4H] fp32: b_ih + b_hh
  *   ids [T, B] int32 or NULL: with ids, bias is a [V, 4H] table and row b at step t adds
  *   its row ids[t][b] (a layer whose input is a lookup: E = 0 and the table holds W_ih x + b)
  *   h_out [T, B, H] bf16 out, after dropout; h_last, c_last [B, H] fp32 out: the state after
- *   step T (no dropout); amx: the products on AMX tiles, else AVX-512 BF16 */
+ *   step T (no dropout on the output); drop: the output's mask, update_drop: the cell
+ *   update's (recurrent dropout, c = f c' + i g m), each NULL for none;
+ *   amx: the products on AMX tiles, else AVX-512 BF16 */
 TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const uint16_t *w,
                                const float *bias, const int32_t *ids, const float *c0,
                                saved_block *saved,
                                uint16_t *h_out, float *h_last, float *c_last,
-                               const dropout_mask *drop, int amx) {
+                               const dropout_mask *drop, const dropout_mask *update_drop,
+                               int amx) {
     const int K = E + H;
     float (*scratch)[16][16] = NULL;
     if (amx) {
@@ -382,6 +390,8 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
             .h_next = last ? NULL : xh + (size_t)(t + 1) * B * K + E,
             .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
             .drop = drop, .first = drop ? (uint32_t)t * drop->step_stride : 0,
+            .update_drop = update_drop,
+            .update_first = update_drop ? (uint32_t)t * update_drop->step_stride : 0,
         };
         if (amx)
             forward_step_amx(&p, scratch);
@@ -502,7 +512,8 @@ TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *
     }
 }
 
-/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, drop, amx)
+/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, drop,
+ *          update_drop, amx)
  *   dh_out [T, B, H] bf16: gradient of the layer's output (after dropout) at every step
  *   dh, dc [B, H] fp32: on entry the gradient of the final state, on exit that of the first
  *   dg_t [4H, ld] bf16 out: the gradient of the gate pre-activations, transposed (column
@@ -510,12 +521,13 @@ TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *
  *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated
  *   ids [T, B] int32 or NULL: with ids (a lookup layer), dbias is the [V, 4H] table's gradient,
  *   and row b at step t accumulates into its row ids[t][b]
+ *   drop, update_drop: the forward's masks, recomputed from their seeds
  *   amx: the products on AMX tiles, else AVX-512 BF16 */
 TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
                                 const uint16_t *w, const saved_block *saved, const float *c0,
                                 uint16_t *dg_t, size_t ld, uint16_t *dx, float *dh, float *dc,
                                 float *dbias, const int32_t *ids, const dropout_mask *drop,
-                                int amx) {
+                                const dropout_mask *update_drop, int amx) {
     const int G = 4 * H, units = H / 16;
     const __m512 one = _mm512_set1_ps(1.0f);
     uint16_t *dg = aligned_alloc(64, (size_t)B * G * 2); /* this step's, row-major: an A operand */
@@ -545,12 +557,16 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                     from_out = _mm512_mul_ps(from_out,
                                              dropout_factor(drop, t * drop->step_stride + k));
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
+                /* With a mask on the update, c = f c' + i (g m): i sees g m, g's path is m i. */
+                const __m512 m = update_drop
+                    ? dropout_factor(update_drop, t * update_drop->step_stride + k) : one;
+                const __m512 gm = _mm512_mul_ps(g, m), im = _mm512_mul_ps(i, m);
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));
                 __m512 d[4] = {
-                    _mm512_mul_ps(_mm512_mul_ps(dct, g), _mm512_fnmadd_ps(i, i, i)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, gm), _mm512_fnmadd_ps(i, i, i)),
                     _mm512_mul_ps(_mm512_mul_ps(dct, cp), _mm512_fnmadd_ps(f, f, f)),
-                    _mm512_mul_ps(_mm512_mul_ps(dct, i), _mm512_fnmadd_ps(g, g, one)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, im), _mm512_fnmadd_ps(g, g, one)),
                     _mm512_mul_ps(_mm512_mul_ps(dht, tc), _mm512_fnmadd_ps(o, o, o)),
                 };
                 _mm512_storeu_ps(dc + k, _mm512_mul_ps(dct, f));
@@ -699,20 +715,24 @@ static int check_shape(int B, int E, int H) {
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
     int T, B, E, H, locked, amx;
-    unsigned long long xh, w, bias, ids, c0, saved, h_out, h_last, c_last, seed;
-    double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKpp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
-                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &locked, &amx))
+    unsigned long long xh, w, bias, ids, c0, saved, h_out, h_last, c_last, seed, update_seed;
+    double keep, update_keep;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKdKpp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
+                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &update_keep,
+                          &update_seed, &locked, &amx))
         return NULL;
     if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
 #if HAVE_X86_BUILD
-    dropout_mask mask;
+    dropout_mask mask, update_mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
+    const dropout_mask *update_drop =
+        make_mask(&update_mask, update_keep, update_seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_forward(T, B, E, H, (uint16_t *)xh, (const uint16_t *)w, (const float *)bias,
                           (const int32_t *)ids, (const float *)c0, (saved_block *)saved,
-                          (uint16_t *)h_out, (float *)h_last, (float *)c_last, drop, amx);
+                          (uint16_t *)h_out, (float *)h_last, (float *)c_last, drop, update_drop,
+                          amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -722,21 +742,24 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
     int T, B, E, H, locked, amx;
-    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, seed;
-    double keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKpp", &T, &B, &E, &H, &dh_out, &w, &saved, &c0,
-                          &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &locked, &amx))
+    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, seed, update_seed;
+    double keep, update_keep;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKdKpp", &T, &B, &E, &H, &dh_out, &w, &saved,
+                          &c0, &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &update_keep,
+                          &update_seed, &locked, &amx))
         return NULL;
     if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
 #if HAVE_X86_BUILD
-    dropout_mask mask;
+    dropout_mask mask, update_mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
+    const dropout_mask *update_drop =
+        make_mask(&update_mask, update_keep, update_seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
                            (const saved_block *)saved, (const float *)c0, (uint16_t *)dg_t,
                            (size_t)ld, (uint16_t *)dx, (float *)dh, (float *)dc, (float *)dbias,
-                           (const int32_t *)ids, drop, amx);
+                           (const int32_t *)ids, drop, update_drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif

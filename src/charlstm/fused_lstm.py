@@ -73,6 +73,7 @@ def lstm_forward(
     *,
     embedding: torch.Tensor | None = None,
     rate: float = 0.0,
+    recurrent_rate: float = 0.0,
     locked: bool = False,
     generator: torch.Generator | None = None,
     weights: dict[str, torch.Tensor] | None = None,
@@ -82,7 +83,8 @@ def lstm_forward(
     Differentiable in x, state and weights. With ``embedding`` (V, E), x holds ids (T, B) and
     the input is their embedding. Each layer's output has dropout with ``rate``, its mask
     hashed from one seed per layer drawn from ``generator`` (fresh at every step, or one for
-    all steps if ``locked``); the next layer reads it so.
+    all steps if ``locked``); the next layer reads it so. ``recurrent_rate`` drops out the
+    cell update g inside each layer (c = f c' + i g m) with a mask hashed the same way.
     ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
     weights = weights or {}
     amx = backend() == "amx"
@@ -98,7 +100,7 @@ def lstm_forward(
     for layer in range(rnn.num_layers):
         names = [f"{name}_l{layer}" for name in _WEIGHTS]
         w_ih, w_hh, b_ih, b_hh = [weights.get(name, getattr(rnn, name)) for name in names]
-        seed = int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
+        seed, recurrent_seed = _seed(rate, generator), _seed(recurrent_rate, generator)
         h0, c0 = state[0][layer], state[1][layer]
         if layer == 0 and embedding is not None:
             # W_ih times a character's embedding is a row of one small (V, 4H) table, so the
@@ -109,7 +111,9 @@ def lstm_forward(
             inputs = None, ids, None, w_hh, None, None, table
         else:
             inputs = layer_input, None, w_ih, w_hh, b_ih, b_hh, None
-        layer_input, h, c = _Layer.apply(*inputs, h0, c0, rate, seed, locked, amx)
+        layer_input, h, c = _Layer.apply(
+            *inputs, h0, c0, rate, seed, recurrent_rate, recurrent_seed, locked, amx
+        )
         outputs.append(layer_input[:, :batch])
         finals_h.append(h)
         finals_c.append(c)
@@ -122,13 +126,17 @@ _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 class _Layer(torch.autograd.Function):
     """One LSTM layer over a whole sequence: x (T, B, E), h0 and c0 (B, H) -> out (T, B, H)
     after dropout with ``rate`` (masks hashed from ``seed``, one for all steps if ``locked``),
-    and h_T, c_T; the products on AMX tiles if ``amx``, else AVX-512 BF16. B must be a
+    with the cell update dropped out at ``recurrent_rate`` (from ``recurrent_seed``), and
+    h_T, c_T; the products on AMX tiles if ``amx``, else AVX-512 BF16. B must be a
     multiple of 16; E is padded to a multiple of 32 here. For a layer whose input is a lookup,
     x, w_ih and the biases are None: ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds
     W_ih x + b_ih + b_hh for each."""
 
     @staticmethod
-    def forward(ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0, rate, seed, locked, amx):
+    def forward(
+        ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0,
+        rate, seed, recurrent_rate, recurrent_seed, locked, amx,
+    ):  # fmt: skip
         hidden = w_hh.shape[1]
         if ids is None:
             steps, batch, width = x.shape
@@ -153,12 +161,12 @@ class _Layer(torch.autograd.Function):
         c_last = torch.empty(batch, hidden)
         _fused_lstm.forward(
             steps, batch, padded, hidden, *_pointers(joined, forward_weights, table),
-            _id_pointer(ids), *_pointers(c0, saved, out, h_last, c_last), 1 - rate, seed, locked,
-            amx,
+            _id_pointer(ids), *_pointers(c0, saved, out, h_last, c_last), 1 - rate, seed,
+            1 - recurrent_rate, recurrent_seed, locked, amx,
         )  # fmt: skip
         ctx.save_for_backward(joined, saved, c0, backward_weights, ids)
         ctx.sizes = steps, batch, width, padded, hidden
-        ctx.dropout = 1 - rate, seed, locked
+        ctx.dropout = 1 - rate, seed, 1 - recurrent_rate, recurrent_seed, locked
         ctx.amx = amx
         ctx.input_dtype = x.dtype
         ctx.vocab = None if ids is None else table.shape[0]
@@ -196,7 +204,7 @@ class _Layer(torch.autograd.Function):
         return None, None, None, d_w_hh, None, None, d_bias, d_h, d_c, *_NONE
 
 
-_NONE = (None, None, None, None)  # no gradient for rate, seed, locked and amx
+_NONE = (None,) * 6  # no gradient for rate, seed, locked and amx
 
 
 def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +220,12 @@ def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Te
         forward.data_ptr(), backward.data_ptr(),
     )  # fmt: skip
     return forward, backward
+
+
+def _seed(rate: float, generator: torch.Generator | None) -> int:
+    """A mask's seed, drawn from ``generator``; none is drawn for a rate of 0, so that one kind
+    of dropout left off does not change the other's masks."""
+    return int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
 
 
 def _id_pointer(ids: torch.Tensor | None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,13 +60,14 @@ class CharRNN(nn.Module):
         reproducible.
         """
         rate = self.config.dropout if self.training else 0.0
+        recurrent_rate = self.config.recurrent_dropout if self.training else 0.0
         locked = self.config.dropout_mask == "sequence"
         weights = {**dict(self.rnn.named_parameters()), **self._recurrent_weights(generator)}
         if fused_lstm.applies(self.rnn, x):  # bf16 autocast on a CPU the kernel runs on
             # Time-major there, so that each step's rows lie together in memory.
             outputs, new_state = fused_lstm.lstm_forward(
-                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate, locked=locked,
-                generator=generator, weights=weights,
+                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate,
+                recurrent_rate=recurrent_rate, locked=locked, generator=generator, weights=weights,
             )  # fmt: skip
             return self.head(self._head_input(outputs)).transpose(0, 1), new_state
         state = state if state is not None else self.initial_state(x.shape[0])
@@ -75,12 +76,31 @@ class CharRNN(nn.Module):
         for layer in range(self.config.n_layers):
             layer_weights = [weights[f"{name}_l{layer}"] for name in WEIGHT_NAMES]
             layer_state = tuple(s[layer] for s in state)
-            out, final = run_layer(self.config.cell, layer_input, layer_state, layer_weights)
+            out, final = self._layer(
+                layer_input, layer_state, layer_weights, recurrent_rate, locked, generator
+            )
             layer_input = dropout(out, rate, generator, locked=locked)  # (B, T, H)
             outputs.append(layer_input)
             finals.append(final)
         new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
         return self.head(self._head_input(outputs)), new_state
+
+    def _layer(
+        self,
+        x: torch.Tensor,
+        state: State,
+        weights: list[torch.Tensor],
+        recurrent_rate: float,
+        locked: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, State]:
+        """One layer off the fused kernel: the library's op, or with --recurrent-dropout the
+        LSTM stepped one character at a time (no library op masks the cell update)."""
+        if recurrent_rate == 0:
+            return run_layer(self.config.cell, x, state, weights)
+        shape = (x.shape[0], 1 if locked else x.shape[1], self.config.hidden_dim)
+        mask = dropout_mask(shape, x, recurrent_rate, generator)
+        return run_lstm_layer_dropping_updates(x, state, weights, mask)
 
     def _head_input(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """What the head reads: every layer's output, concatenated, or the last one's."""
@@ -118,8 +138,16 @@ def dropout(
     if generator is None and not locked:
         return F.dropout(x, p, training=True)
     shape = (x.shape[0], 1, x.shape[2]) if locked else x.shape
-    keep = x.new_empty(shape).bernoulli_(1 - p, generator=generator)
-    return x * keep.div_(1 - p)
+    return x * dropout_mask(shape, x, p, generator)
+
+
+def dropout_mask(
+    shape: Sequence[int], like: torch.Tensor, p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """A mask of ``shape`` (``like``'s dtype and device): each element 0 with probability
+    ``p``, else 1 / (1 - p), drawn from ``generator`` (the global generator if None)."""
+    keep = like.new_empty(shape).bernoulli_(1 - p, generator=generator)
+    return keep.div_(1 - p)
 
 
 def detach_state(state: State) -> State:
@@ -140,6 +168,27 @@ def run_layer(
         # Arguments: biases, layers, dropout, training, bidirectional, batch_first.
         out, *final = _LAYER_FUNCTIONS[cell](x, hx, weights, True, 1, 0.0, False, False, True)
     return out, tuple(f.squeeze(0) for f in final)
+
+
+def run_lstm_layer_dropping_updates(
+    x: torch.Tensor, state: State, weights: list[torch.Tensor], mask: torch.Tensor
+) -> tuple[torch.Tensor, State]:
+    """One LSTM layer stepped one character at a time, with the cell update dropped out:
+    c_t = f c_t-1 + i (g m_t) for the mask m (B, T, H), or (B, 1, H) for one over all steps
+    (recurrent dropout as in Semeniuta et al. 2016). Arguments and result as :func:`run_layer`.
+    The fused kernel does the same in one call; this is the path everywhere else."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    h, c = state
+    projected = F.linear(x, w_ih, b_ih + b_hh)  # every step's input term in one product
+    outputs = []
+    for t in range(x.shape[1]):
+        gates = projected[:, t] + F.linear(h, w_hh)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        update = torch.tanh(g) * mask[:, t if mask.shape[1] > 1 else 0]
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * update
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), (h, c)
 
 
 @contextlib.contextmanager
