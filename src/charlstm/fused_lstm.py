@@ -204,7 +204,7 @@ class _Layer(torch.autograd.Function):
         return None, None, None, d_w_hh, None, None, d_bias, d_h, d_c, *_NONE
 
 
-_NONE = (None,) * 6  # no gradient for rate, seed, locked and amx
+_NONE = (None,) * 6  # no gradient for the two rates and seeds, locked and amx
 
 
 def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
