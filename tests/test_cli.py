@@ -276,7 +276,8 @@ def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tm
     assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-12)
 
     match = re.fullmatch(
-        r"loss (\S+) nats/char  (\S+) bits/char  perplexity (\S+)  over ([\d,]+) characters\n",
+        r"loss (\S+) nats/char  (\S+) bits/char  perplexity (\S+)  over ([\d,]+) characters "
+        rf"of {re.escape(str(data))}\n",
         ok(human).stdout,
     )
     assert match, human.stdout
@@ -285,6 +286,37 @@ def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tm
     assert bits == pytest.approx(values["bpc"], abs=5e-5)
     assert perplexity == pytest.approx(values["perplexity"], abs=5e-4)
     assert int(match.group(4).replace(",", "")) == len(text) - 1
+
+
+def test_eval_without_data_scores_the_validation_split_and_dynamic_adapts(
+    trained_run, isolated_data_dir, tmp_path
+):
+    plain, dynamic, human = run_many(
+        [["eval", trained_run, "--json"], ["eval", trained_run, "--json", "--dynamic"],
+         ["eval", trained_run, "--dynamic", "--dynamic-lr", "1e-3", "--dynamic-segment", "32"]],
+        isolated_data_dir, tmp_path,
+    )  # fmt: skip
+    model = charlstm.load(str(trained_run), device="cpu")
+    recorded = model.info["val"]
+    static_values, dynamic_values = json.loads(ok(plain).stdout), json.loads(ok(dynamic).stdout)
+    assert static_values["dynamic"] is False and dynamic_values["dynamic"] is True
+    assert static_values["characters"] == dynamic_values["characters"] == recorded["characters"]
+    assert static_values["loss"] == pytest.approx(recorded["loss"], abs=1e-6)
+    # The model keeps learning from the validation text as it reads it.
+    assert dynamic_values["loss"] < static_values["loss"] - 0.05
+    assert dynamic_values["loss"] == pytest.approx(model.evaluate_validation(True).loss, abs=1e-4)
+    # The flags reach the evaluation: these settings give another loss.
+    tuned = charlstm.DynamicEvalConfig(dynamic_lr=1e-3, dynamic_segment=32)
+    expected = model.evaluate_validation(tuned).loss
+    match = re.fullmatch(
+        r"dynamic evaluation: loss (\S+) nats/char  .* over ([\d,]+) characters of the "
+        r"validation split\n",
+        ok(human).stdout,
+    )
+    assert match, human.stdout
+    assert float(match.group(1)) == pytest.approx(expected, abs=2e-4)
+    assert abs(expected - dynamic_values["loss"]) > 1e-3
+    assert int(match.group(2).replace(",", "")) == recorded["characters"]
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -354,6 +386,18 @@ ERROR_CASES = [
      r"--time-budget '5x' is not a positive duration"),
     ("missing-config", ["train", "--config", "{tmp}/none.toml"],
      r"config file {tmp}/none\.toml does not exist"),
+    ("dynamic-flag-alone", ["eval", "{run}", "--data", "{corpus}", "--dynamic-lr", "1e-3"],
+     r"--dynamic-lr set dynamic evaluation; add --dynamic to use it$"),
+    ("dynamic-decay", ["eval", "{run}", "--dynamic", "--dynamic-decay", "2"],
+     r"--dynamic-decay must be in \[0, 1\], got 2\.0$"),
+    ("dynamic-segment", ["eval", "{run}", "--dynamic", "--dynamic-segment", "0"],
+     r"--dynamic-segment must be at least 1, got 0$"),
+    ("eval-encoding-alone", ["eval", "{run}", "--encoding", "latin-1"],
+     r"--encoding applies to --data files; give the files too$"),
+    ("eval-training-text-gone", ["eval", "{moved}"],
+     r"{tmp}/gone\.txt: no such file or directory \(built-in corpora: [^)]*\); without "
+     r"--data, eval reads the validation split from the files the model was trained on: give "
+     r"--data FILE to score other text$"),
 ]  # fmt: skip
 
 
@@ -372,11 +416,14 @@ def error_results(trained_run, shakespeare_200k, session_data_dir, tmp_path_fact
     (tmp / "mixed" / "a.txt").write_text("plain text\n" * 100)
     (tmp / "mixed" / "b.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     damaged = {name: shutil.copytree(trained_run, tmp / name) for name in
-               ("truncated", "pickled", "foreign")}  # fmt: skip
+               ("truncated", "pickled", "foreign", "moved")}  # fmt: skip
     weights = damaged["truncated"] / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (damaged["pickled"] / "best" / "model.safetensors").write_bytes(b"\x80\x04K\x01.")
     (damaged["foreign"] / "best" / "config.json").write_text('{"architectures": ["GPT2"]}')
+    moved = json.loads((damaged["moved"] / "best" / "config.json").read_text())
+    moved["config"]["data"]["data"] = [str(tmp / "gone.txt")]
+    (damaged["moved"] / "best" / "config.json").write_text(json.dumps(moved))
     paths = {
         "tmp": tmp,
         "bad": bad,

@@ -11,6 +11,7 @@ from charlstm.config import (
     PRESETS,
     SECTION_OF,
     DataConfig,
+    DynamicEvalConfig,
     ModelConfig,
     RunConfig,
     SampleConfig,
@@ -375,6 +376,26 @@ def test_sample_config_validate_errors(settings, message):
     assert error_of(SampleConfig(**settings).validate) == message
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"dynamic_lr": -1e-4}, "--dynamic-lr must be 0 or positive, got -0.0001"),
+        ({"dynamic_lr": float("nan")}, "--dynamic-lr must be 0 or positive, got nan"),
+        ({"dynamic_decay": -0.1}, "--dynamic-decay must be in [0, 1], got -0.1"),
+        ({"dynamic_decay": 1.5}, "--dynamic-decay must be in [0, 1], got 1.5"),
+        ({"dynamic_segment": 0}, "--dynamic-segment must be at least 1, got 0"),
+    ],
+)
+def test_dynamic_eval_config_validate_errors(settings, message):
+    assert error_of(DynamicEvalConfig(**settings).validate) == message
+
+
+def test_dynamic_eval_config_boundaries_are_accepted():
+    DynamicEvalConfig().validate()
+    DynamicEvalConfig(dynamic_lr=0.0, dynamic_decay=0.0, dynamic_segment=1).validate()
+    DynamicEvalConfig(dynamic_decay=1.0).validate()
+
+
 def test_sample_config_boundaries_are_accepted():
     SampleConfig(length=1, temperature=0.0, top_k=0, top_p=1.0, num_samples=1).validate()
     SampleConfig(top_p=1e-9, top_k=1, unknown="replace").validate()
@@ -441,7 +462,7 @@ def test_flag_names_are_unique_across_sections():
 
 
 def test_every_field_has_help():
-    for cls in (ModelConfig, DataConfig, TrainConfig, SampleConfig):
+    for cls in (ModelConfig, DataConfig, TrainConfig, SampleConfig, DynamicEvalConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 

@@ -1,4 +1,5 @@
-"""evaluate_ids: the streamed, segmented score against a plain single-stream computation."""
+"""evaluate_ids: the streamed, segmented score against a plain single-stream computation;
+dynamic_evaluate_ids: the same stream read by a model that keeps learning."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import charlstm
-from charlstm.config import ModelConfig
+from charlstm.config import DynamicEvalConfig, ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult, evaluate_ids
+from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 
 # charlstm.evaluate is also the name of a function in the package namespace.
@@ -211,3 +212,91 @@ def test_an_untrained_model_scores_near_uniform():
     result = evaluate_ids(net, [markov_ids(500)])
     assert result.loss == pytest.approx(math.log(VOCAB), rel=1e-6)
     assert result.perplexity == pytest.approx(VOCAB, rel=1e-5)
+
+
+# ---- dynamic evaluation ---------------------------------------------------------------------
+
+
+def frozen(segment: int = 64) -> DynamicEvalConfig:
+    """Dynamic evaluation that never moves the weights: a plain sequential pass."""
+    return DynamicEvalConfig(dynamic_lr=0.0, dynamic_decay=0.0, dynamic_segment=segment)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("segment", [1, 7, 64, 5000])
+def test_dynamic_without_learning_is_the_single_stream(cell, segment):
+    net = tiny_net(cell)
+    ids = markov_ids(900, seed=9)
+    result = dynamic_evaluate_ids(net, [ids], frozen(segment))
+    assert result.characters == len(ids) - 1
+    assert result.loss == pytest.approx(single_stream_loss(net, ids), rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 64, 65, 66, 129])
+def test_dynamic_scores_every_symbol_after_the_first_once(n):
+    result = dynamic_evaluate_ids(tiny_net(), [markov_ids(n)], DynamicEvalConfig())
+    assert result.characters == n - 1
+
+
+def test_dynamic_learns_a_text_that_repeats():
+    # 150 random symbols said 20 times: no static model can predict them, but one that keeps
+    # learning does better each time round. Measured: static 2.56 nats, dynamic 1.10 over
+    # the whole text and 2.58 over its first round.
+    net = tiny_net()
+    block = np.random.default_rng(10).integers(0, VOCAB, 150).astype(np.uint8)
+    ids = np.tile(block, 20)
+    static = evaluate_ids(net, [ids]).loss
+    settings = DynamicEvalConfig(dynamic_lr=3e-2, dynamic_decay=0.0, dynamic_segment=16)
+    first = dynamic_evaluate_ids(net, [ids[:151]], settings).loss
+    whole = dynamic_evaluate_ids(net, [ids], settings).loss
+    assert static > math.log(VOCAB) - 0.2
+    assert whole < static - 1.0
+    assert whole < first - 1.0
+
+
+def test_dynamic_decay_pulls_back_to_the_trained_model():
+    # The harder the weights are pulled back after each update, the less the model keeps of
+    # a repeated text; a pull of 1 undoes nearly every update at once, leaving the static
+    # loss. Measured: 1.89, 2.08, 2.51 and 2.5685 against 2.5687 static.
+    net = tiny_net()
+    block = np.random.default_rng(11).integers(0, VOCAB, 150).astype(np.uint8)
+    ids = np.tile(block, 12)
+    static = evaluate_ids(net, [ids]).loss
+    losses = [
+        dynamic_evaluate_ids(
+            net, [ids], DynamicEvalConfig(dynamic_lr=3e-2, dynamic_decay=d, dynamic_segment=16)
+        ).loss
+        for d in (0.0, 0.01, 0.1, 1.0)
+    ]
+    assert losses[0] < losses[1] - 0.1 < losses[2] - 0.2
+    assert losses[3] == pytest.approx(static, abs=0.01)
+
+
+def test_dynamic_leaves_the_network_as_it_was():
+    net = tiny_net(dropout=0.3)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dynamic_evaluate_ids(net, [markov_ids(500)], DynamicEvalConfig(dynamic_lr=1e-2))
+    assert net.training
+    assert all(p.grad is None for p in net.parameters())
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dynamic_pieces_and_blocks_stream_like_one_text(monkeypatch):
+    net = tiny_net()
+    ids = markov_ids(1000, seed=12)
+    settings = DynamicEvalConfig(dynamic_lr=1e-3, dynamic_segment=50)
+    whole = dynamic_evaluate_ids(net, [ids], settings)
+    pieces = np.array_split(ids, [1, 2, 50, 51, 400, 999])
+    assert dynamic_evaluate_ids(net, iter(pieces), settings) == whole
+    monkeypatch.setattr(evaluate_module, "_BLOCK", 97)  # the path of texts over 1 Mi symbols
+    assert dynamic_evaluate_ids(net, pieces, settings) == whole
+
+
+def test_dynamic_too_short_or_out_of_range():
+    net = tiny_net()
+    with pytest.raises(CharLSTMError, match="needs at least 2 characters"):
+        dynamic_evaluate_ids(net, [markov_ids(1)], DynamicEvalConfig())
+    with pytest.raises(CharLSTMError, match="--dynamic-segment must be at least 1"):
+        dynamic_evaluate_ids(net, [markov_ids(9)], DynamicEvalConfig(dynamic_segment=0))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import charlstm
-from charlstm.config import RunConfig
+from charlstm.config import DynamicEvalConfig, RunConfig
 from charlstm.data import Vocab
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import evaluate_ids
+from charlstm.evaluate import dynamic_evaluate_ids, evaluate_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
 from charlstm.sample import NumpyStepper, generate_ids
@@ -233,6 +233,33 @@ def test_evaluate_of_the_trained_run_matches_its_recorded_validation(trained_run
     assert result.characters == len(text) - 1
     # A trained model beats the uniform guess over its vocabulary.
     assert result.loss < math.log(model.vocab.size)
+
+
+def test_evaluate_validation_rereads_the_split_the_run_recorded(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    result = model.evaluate_validation()
+    assert result.characters == model.info["val"]["characters"]
+    assert result.loss == pytest.approx(model.info["val"]["loss"], abs=1e-6)
+
+
+def test_dynamic_evaluation_through_every_entry_point(tmp_path):
+    model = text_model()
+    text = SAMPLE * 6
+    path = tmp_path / "sample.txt"
+    path.write_text(text, encoding="utf-8")
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    settings = DynamicEvalConfig(dynamic_lr=1e-2, dynamic_segment=16)
+    adapted = model.evaluate(text, dynamic=settings)
+    assert adapted.characters == len(text) - 1
+    assert adapted.loss < model.evaluate(text).loss - 0.3  # the text repeats: learn it
+    assert model.evaluate_files([str(path)], dynamic=settings) == adapted
+    assert charlstm.evaluate(model, text, dynamic=settings) == adapted
+    ids = model.vocab.encode(text)
+    assert dynamic_evaluate_ids(model.net, [ids], settings) == adapted
+    assert model.evaluate(text, dynamic=True) == model.evaluate(text, dynamic=DynamicEvalConfig())
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(CharLSTMError, match="dynamic= takes True, False or a DynamicEvalConfig"):
+        model.evaluate(text, dynamic="yes")
 
 
 def test_evaluate_unknown_policies(tmp_path):

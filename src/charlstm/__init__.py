@@ -7,6 +7,7 @@ Python API::
     model = charlstm.load("runs/shakespeare-.../best")     # or a run directory
     print(model.generate("ROMEO:", length=200, temperature=0.8))
     print(charlstm.evaluate(model, "To be, or not to be").bpc)
+    print(model.evaluate_validation(dynamic=True).loss)   # adapting as it reads (Krause 2018)
     charlstm.plot_runs(["runs/a", "runs/b"], "curves.png")  # loss curves, overlaid
     table = charlstm.compare(config, cells=("rnn", "gru", "lstm"), time_budget="10m").table()
     found = charlstm.inspect(model, text)  # units correlated with properties of the text
@@ -17,7 +18,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from charlstm.compare import CellResult, Comparison, compare
-from charlstm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from charlstm.config import (
+    DataConfig,
+    DynamicEvalConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult
 from charlstm.interpret import Inspection, inspect
@@ -32,9 +40,12 @@ def load(path: str, device: str = "auto") -> CharLM:
     return CharLM.load(path, device=device)
 
 
-def evaluate(model: CharLM, text: str, unknown: str = "error") -> EvalResult:
-    """Loss (nats/char), bits per character and perplexity of ``model`` on ``text``."""
-    return model.evaluate(text, unknown=unknown)
+def evaluate(
+    model: CharLM, text: str, unknown: str = "error", dynamic: bool | DynamicEvalConfig = False
+) -> EvalResult:
+    """Loss (nats/char), bits per character and perplexity of ``model`` on ``text``; with
+    ``dynamic``, the model adapts to the text as it scores it (see CharLM.evaluate)."""
+    return model.evaluate(text, unknown=unknown, dynamic=dynamic)
 
 
 __all__ = [
@@ -44,6 +55,7 @@ __all__ = [
     "CharRNN",
     "Comparison",
     "DataConfig",
+    "DynamicEvalConfig",
     "EvalResult",
     "Inspection",
     "ModelConfig",

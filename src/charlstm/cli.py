@@ -19,8 +19,16 @@ from typing import Any, NoReturn
 from charlstm import distributed
 from charlstm.checkpoint import read_checkpoint
 from charlstm.compare import DEFAULT_BUDGET, DEFAULT_CELLS, compare
-from charlstm.config import CELLS, UNKNOWN_POLICIES, RunConfig, SampleConfig, load_config_file
+from charlstm.config import (
+    CELLS,
+    UNKNOWN_POLICIES,
+    DynamicEvalConfig,
+    RunConfig,
+    SampleConfig,
+    load_config_file,
+)
 from charlstm.errors import CharLSTMError, TrainingInterrupted
+from charlstm.evaluate import EvalResult
 from charlstm.interpret import DEFAULT_MAX_CHARS, inspect, read_text_file
 from charlstm.lm import CharLM
 from charlstm.plot import CURVES_FILE, plot_runs
@@ -70,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd = commands.add_parser(
         "eval",
         help="measure a checkpoint's loss on text",
-        description="Print loss (nats/char), bits/char and perplexity over whole files.",
+        description="Print loss (nats/char), bits/char and perplexity over whole files, or "
+        "over the validation split the model was trained with.",
     )
     eval_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
-    eval_cmd.add_argument("--data", nargs="+", required=True, help="files to evaluate on")
+    eval_cmd.add_argument(
+        "--data",
+        nargs="+",
+        help="files to evaluate on (default: the validation split of the model's training data)",
+    )
     eval_cmd.add_argument("--encoding", help="text encoding (default: the model's, UTF-8)")
     eval_cmd.add_argument(
         "--unknown",
@@ -81,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="characters outside the model's vocabulary: error, skip or replace them",
     )
+    eval_cmd.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="dynamic evaluation: the model keeps learning from the text it has scored",
+    )
+    _add_dataclass_flags(eval_cmd, DynamicEvalConfig)
     eval_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_flag(eval_cmd)
 
@@ -165,18 +184,43 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    given = _given(args, DynamicEvalConfig)
+    if given and not args.dynamic:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise CharLSTMError(f"{flags} set dynamic evaluation; add --dynamic to use it")
+    if args.encoding and args.data is None:
+        raise CharLSTMError("--encoding applies to --data files; give the files too")
+    settings = DynamicEvalConfig(**given)
+    settings.validate()
+    dynamic = settings if args.dynamic else False
     model = CharLM.load(args.checkpoint, device=args.device)
-    result = model.evaluate_files(args.data, encoding=args.encoding, unknown=args.unknown)
-    if result.characters == 0:
-        raise CharLSTMError("the evaluation text has fewer than two characters: nothing to score")
-    if args.json:
-        print(json.dumps(result.as_dict()))
+    if args.data is None:
+        result = _evaluate_validation(model, dynamic)
+        scored = "of the validation split"
     else:
+        result = model.evaluate_files(
+            args.data, encoding=args.encoding, unknown=args.unknown, dynamic=dynamic
+        )
+        scored = "of " + ", ".join(args.data)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "dynamic": args.dynamic}))
+    else:
+        how = "dynamic evaluation: " if args.dynamic else ""
         print(
-            f"loss {result.loss:.4f} nats/char  {result.bpc:.4f} bits/char  "
-            f"perplexity {result.perplexity:.3f}  over {result.characters:,} characters"
+            f"{how}loss {result.loss:.4f} nats/char  {result.bpc:.4f} bits/char  "
+            f"perplexity {result.perplexity:.3f}  over {result.characters:,} characters {scored}"
         )
     return 0
+
+
+def _evaluate_validation(model: CharLM, dynamic: DynamicEvalConfig | bool) -> EvalResult:
+    try:
+        return model.evaluate_validation(dynamic)
+    except CharLSTMError as e:  # most likely, the training text has moved
+        raise CharLSTMError(
+            f"{e}; without --data, eval reads the validation split from the files the model "
+            "was trained on: give --data FILE to score other text"
+        ) from None
 
 
 # ---- plot, compare, inspect -----------------------------------------------------------------

@@ -3,10 +3,16 @@
 The text is scored as one stream. To use a batch's parallelism, it is cut into segments that
 run side by side; each segment first reads the ``prime`` characters before it (unscored) so
 its state is warm, which makes the result match a single sequential pass to within noise.
+
+Dynamic evaluation (:func:`dynamic_evaluate_ids`) scores the stream in one sequential pass
+instead, and after each segment takes a gradient step on the text it has just scored, so the
+model adapts to the names, words and style of the text as it goes. Every character is still
+predicted before the model learns from it.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterable
@@ -16,11 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from charlstm.config import DynamicEvalConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN
+from charlstm.model import CharRNN, State, detach_state
 
 _BLOCK = 1 << 20  # characters scored per block when streaming a long text
 _MAX_EXP = math.log(1.7e308)  # math.exp overflows beyond this
+# Dynamic evaluation divides each gradient by its running RMS (RMSprop): the average forgets
+# with this factor (a memory of about 100 updates), and _RMS_FLOOR keeps the steps of
+# parameters with tiny gradients (rare characters' embeddings) finite.
+_RMS_BETA = 0.99
+_RMS_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,76 @@ def _score(
         )
         total += (losses * w[:, t : t + chunk].flatten()).sum(dtype=torch.float64)
     return float(total), int(weight.sum())
+
+
+def dynamic_evaluate_ids(
+    net: CharRNN, blocks: Iterable[np.ndarray], settings: DynamicEvalConfig
+) -> EvalResult:
+    """Score every symbol of the concatenated ``blocks`` after the first, adapting as it goes.
+
+    One stream, read in order with the state carried: each segment of
+    ``settings.dynamic_segment`` symbols is scored, then the model takes a step on that
+    segment's loss. The step is the gradient divided by its running RMS, times
+    ``dynamic_lr``, and every parameter is pulled back toward its trained value by
+    ``dynamic_decay`` (scaled by its RMS relative to its tensor's mean), so that what was
+    learnt long ago fades. A copy of ``net`` adapts; ``net`` itself is left as it was.
+    """
+    settings.validate()
+    learner = _Learner(copy.deepcopy(net).eval(), settings)
+    segment = settings.dynamic_segment
+    total, count = 0.0, 0
+    pending = np.empty(0, dtype=np.int64)
+    for block in _rechunk(blocks):
+        pending = np.concatenate([pending, block.astype(np.int64)])
+        while len(pending) > segment:  # a segment needs its inputs and the next target
+            total += learner.score_and_learn(pending[: segment + 1])
+            count += segment
+            pending = pending[segment:]
+    if len(pending) > 1:
+        total += learner.score_and_learn(pending)
+        count += len(pending) - 1
+    return eval_result(total, count)
+
+
+class _Learner:
+    """A network that scores one segment at a time and then learns from it."""
+
+    def __init__(self, net: CharRNN, settings: DynamicEvalConfig) -> None:
+        self.net = net
+        self.settings = settings
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.trained = [p.detach().clone() for p in self.params]
+        self.mean_square = [torch.zeros_like(p) for p in self.params]
+        self.updates = 0
+        self.state: State | None = None
+        self.device = next(net.parameters()).device
+
+    def score_and_learn(self, ids: np.ndarray) -> float:
+        """Summed loss of ids[1:] given ids[:-1] and the carried state, then one update."""
+        x = torch.from_numpy(ids[:-1]).to(self.device).unsqueeze(0)
+        y = torch.from_numpy(ids[1:]).to(self.device)
+        logits, state = self.net(x, self.state)
+        self.state = detach_state(state)
+        loss = F.cross_entropy(logits[0].float(), y, reduction="sum")
+        (loss / len(y)).backward()
+        self._update()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        self.updates += 1
+        debias = 1 - _RMS_BETA**self.updates  # the running average starts at zero
+        lr, decay = self.settings.dynamic_lr, self.settings.dynamic_decay
+        moments = zip(self.params, self.trained, self.mean_square, strict=True)
+        for p, trained, mean_square in moments:
+            grad, p.grad = p.grad, None
+            mean_square.mul_(_RMS_BETA).addcmul_(grad, grad, value=1 - _RMS_BETA)
+            rms = mean_square.div(debias).sqrt_()
+            p.addcdiv_(grad, rms + _RMS_FLOOR, value=-lr)
+            if decay > 0:
+                # Parameters that move a lot are pulled back harder (at most all the way).
+                pull = rms.mul_(decay / rms.mean().clamp_min(1e-30)).clamp_(max=1.0)
+                p.add_((trained - p).mul_(pull))
 
 
 def _rechunk(blocks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from charlstm.checkpoint import read_checkpoint
-from charlstm.config import RunConfig, SampleConfig
-from charlstm.data import BYTES, Sources, Vocab, iter_symbols, resolve_sources
+from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
+from charlstm.data import BYTES, Sources, Vocab, iter_symbols, load_corpus, resolve_sources
 from charlstm.device import resolve_device
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult, evaluate_ids
+from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 from charlstm.sample import generate_ids
 
@@ -74,13 +74,23 @@ class CharLM:
                 piece.append(text)
         return ["".join(p) for p in pieces]
 
-    def evaluate(self, text: str, unknown: str = "error") -> EvalResult:
-        """Loss, bits and perplexity per character of ``text`` under this model."""
+    def evaluate(
+        self, text: str, unknown: str = "error", dynamic: bool | DynamicEvalConfig = False
+    ) -> EvalResult:
+        """Loss, bits and perplexity per character of ``text`` under this model.
+
+        With ``dynamic`` (True, or a :class:`~charlstm.config.DynamicEvalConfig`), the model
+        adapts to the text as it scores it (dynamic evaluation); this model is not changed.
+        """
         ids = self.vocab.encode(text, unknown=unknown, what="the text")
-        return evaluate_ids(self.net, [ids])
+        return self._evaluate_blocks([ids], dynamic)
 
     def evaluate_files(
-        self, paths: list[str], encoding: str | None = None, unknown: str = "error"
+        self,
+        paths: list[str],
+        encoding: str | None = None,
+        unknown: str = "error",
+        dynamic: bool | DynamicEvalConfig = False,
     ) -> EvalResult:
         """Like :meth:`evaluate` over files, read in blocks so any size fits in memory."""
         sources = self._sources(paths, encoding)
@@ -88,7 +98,25 @@ class CharLM:
             self.vocab.encode_codepoints(block, unknown=unknown, what=sources.name)
             for block in iter_symbols(sources)
         )
-        return evaluate_ids(self.net, blocks)
+        return self._evaluate_blocks(blocks, dynamic)
+
+    def evaluate_validation(self, dynamic: bool | DynamicEvalConfig = False) -> EvalResult:
+        """Like :meth:`evaluate` on the validation split of the text this model was trained
+        on, read again from the files its configuration names."""
+        corpus = load_corpus(self.config.data, vocab=self.vocab)
+        return self._evaluate_blocks([corpus.val], dynamic)
+
+    def _evaluate_blocks(
+        self, blocks: Iterable[np.ndarray], dynamic: bool | DynamicEvalConfig
+    ) -> EvalResult:
+        if dynamic is False:
+            return evaluate_ids(self.net, blocks)
+        settings = DynamicEvalConfig() if dynamic is True else dynamic
+        if not isinstance(settings, DynamicEvalConfig):
+            raise CharLSTMError(
+                f"dynamic= takes True, False or a DynamicEvalConfig, not {dynamic!r}"
+            )
+        return dynamic_evaluate_ids(self.net, blocks, settings)
 
     def _sources(self, paths: list[str], encoding: str | None) -> Sources:
         model_bytes = self.vocab.kind == BYTES
