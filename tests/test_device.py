@@ -1,7 +1,8 @@
-"""Device choice, autocast precision, and the CPU allocator setting."""
+"""Device choice, autocast precision, the CPU allocator setting and the OpenMP wait policy."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +41,31 @@ def test_keep_freed_memory_stops_page_faults_on_every_allocation():
     before, after = map(int, out.stdout.split())
     assert before > 20 * 8000  # every round faulted its pages in
     assert after < before / 20
+
+
+def openmp_settings(wait_policy: str | None) -> str:
+    """What PyTorch's OpenMP runtime reports at start-up in a fresh process that imports
+    charlstm, with ``OMP_WAIT_POLICY`` set to ``wait_policy`` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"  # the runtime prints its settings as it loads
+    if wait_policy is not None:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    command = [sys.executable, "-c", "import charlstm, torch; torch.ones(4).sum()"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    if "OMP_WAIT_POLICY" not in out.stderr:
+        pytest.skip("this PyTorch's OpenMP runtime does not display its settings")
+    return out.stderr
+
+
+def test_idle_openmp_threads_sleep_instead_of_spinning():
+    settings = openmp_settings(None)
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings
+    if "GOMP_SPINCOUNT" in settings:  # GNU OpenMP, as in PyTorch's Linux wheels
+        assert "GOMP_SPINCOUNT = '0'" in settings
+
+
+def test_a_wait_policy_the_user_set_is_kept():
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in openmp_settings("ACTIVE")
 
 
 def test_cpu_and_auto_devices():
