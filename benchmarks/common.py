@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import resource
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +34,20 @@ def encoded_corpus() -> tuple[torch.Tensor, torch.Tensor, int]:
     ids = torch.tensor([table[c] for c in text], dtype=torch.long)
     split = len(ids) - round(len(ids) * 0.1)
     return ids[:split], ids[split:], len(chars)
+
+
+def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run in a new interpreter, for a baseline that nothing charlstm sets in
+    its own process reaches (importing charlstm sets OMP_WAIT_POLICY, see its __init__: the
+    new process gets OpenMP's default)."""
+    context = multiprocessing.get_context("spawn")
+    policy = os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(function, *args).result()
+    finally:
+        if policy is not None:
+            os.environ["OMP_WAIT_POLICY"] = policy
 
 
 def machine() -> str:

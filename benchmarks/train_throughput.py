@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from common import corpus_path, encoded_corpus, machine, matmul_peak_gflops, print_table
+from common import (
+    corpus_path,
+    encoded_corpus,
+    in_fresh_process,
+    machine,
+    matmul_peak_gflops,
+    print_table,
+)
 from plain import PlainTrainer
 
 import charlstm
@@ -84,21 +89,9 @@ def plain(steps: int, train_ids: torch.Tensor, vocab: int) -> tuple[float, Plain
     return (steps - 1) * BATCH * SEQ / (time.perf_counter() - start), trainer
 
 
-def plain_in_fresh_process(steps: int, tuned_allocator: bool) -> tuple[float, float]:
-    """(chars/s, validation loss) of the plain loop in a new interpreter, with charlstm's
-    allocator setting if ``tuned_allocator``."""
-    context = multiprocessing.get_context("spawn")
-    # Importing charlstm set OMP_WAIT_POLICY (see its __init__): the plain loop gets the default.
-    policy = os.environ.pop("OMP_WAIT_POLICY", None)
-    try:
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            return pool.submit(_plain_job, steps, tuned_allocator).result()
-    finally:
-        if policy is not None:
-            os.environ["OMP_WAIT_POLICY"] = policy
-
-
 def _plain_job(steps: int, tuned_allocator: bool) -> tuple[float, float]:
+    """(chars/s, validation loss) of the plain loop, with charlstm's allocator setting if
+    ``tuned_allocator``; run through in_fresh_process."""
     if tuned_allocator:
         keep_freed_memory()
     train_ids, val_ids, vocab = encoded_corpus()
@@ -151,7 +144,7 @@ def main() -> None:
         for name, dtype in dtypes.items():
             peaks[name] = max(peaks[name], matmul_peak_gflops(dtype))
         for name, tuned_allocator in PLAIN.items():
-            speed, losses[name] = plain_in_fresh_process(args.steps, tuned_allocator)
+            speed, losses[name] = in_fresh_process(_plain_job, args.steps, tuned_allocator)
             speeds[name].append(speed)
         for name, (dropout, kernel) in VARIANTS.items():
             with tempfile.TemporaryDirectory() as work:

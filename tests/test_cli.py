@@ -101,6 +101,39 @@ def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_d
     assert {"best", "last", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
 
 
+def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
+    shakespeare_200k, isolated_data_dir, tmp_path
+):
+    # Ten seconds are worth under a minute on the presets' machine unless this one is 13 times
+    # faster: the 1m preset, with the budget, evaluation and precision flags given kept.
+    common = ["train", "--data", shakespeare_200k, "--time-budget", "10s", "--device", "cpu",
+              "--precision", "fp32", "--sample-length", "0"]  # fmt: skip
+    picked, chosen = run_many(
+        [[*common, "--out", tmp_path / "picked", "--eval-every", "7"],
+         [*common, "--out", tmp_path / "chosen", "--hidden-dim", "48", "--embed-dim", "16"]],
+        isolated_data_dir,
+        tmp_path,
+    )  # fmt: skip
+    line = re.search(
+        r"^preset (\S+): this machine trains the 5m settings at ([\d,]+) chars/s, "
+        r"(\d+\.\d\d)x the machine the presets were tuned on",
+        ok(picked).stderr,
+        re.M,
+    )
+    assert line and line[1] == "1m" and int(line[2].replace(",", "")) > 0
+    saved = json.loads((tmp_path / "picked" / "last" / "config.json").read_text("utf-8"))
+    model, train_ = saved["config"]["model"], saved["config"]["train"]
+    assert (model["n_layers"], model["hidden_dim"], model["dropout"]) == (1, 384, 0.0)
+    assert (train_["preset"], train_["seq_len"], train_["time_budget"]) == ("1m", 64, "10s")
+    assert (train_["eval_every"], train_["precision"]) == (7, "fp32")
+    assert "model: lstm 1x384" in picked.stderr
+    # A run that sets its own learning settings keeps the defaults around them, unmeasured.
+    assert not re.search(r"^preset ", ok(chosen).stderr, re.M)
+    saved = json.loads((tmp_path / "chosen" / "last" / "config.json").read_text("utf-8"))
+    assert saved["config"]["train"]["preset"] is None
+    assert (saved["config"]["model"]["n_layers"], saved["config"]["model"]["hidden_dim"]) == (2, 48)
+
+
 def test_train_on_a_text_without_newlines_still_prints_its_sample(
     shakespeare_200k, isolated_data_dir, tmp_path
 ):

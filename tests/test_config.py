@@ -8,6 +8,7 @@ import json
 import pytest
 
 from charlstm.config import (
+    PRESET_MACHINE_SPEED,
     PRESETS,
     SECTION_OF,
     DataConfig,
@@ -18,6 +19,8 @@ from charlstm.config import (
     TrainConfig,
     load_config_file,
     parse_duration,
+    picks_preset,
+    preset_for,
 )
 from charlstm.errors import CharLSTMError
 
@@ -491,3 +494,45 @@ def test_the_defaults_are_the_5m_preset():
 def test_unknown_preset_is_refused():
     config = RunConfig().with_overrides({"preset": "2h"})
     assert error_of(config.validate) == "--preset must be one of 1m, 5m, 20m, not '2h'"
+
+
+@pytest.mark.parametrize(
+    ("budget", "speed_ratio", "expected"),
+    [
+        ("1m", 1.0, "1m"), ("5m", 1.0, "5m"), ("20m", 1.0, "20m"),  # the presets' own machine
+        ("5m", 1 / 8, "1m"),  # 5 minutes 8x slower train what 38 s train there
+        ("20m", 1 / 8, "5m"),  # 150 s there: nearer 5m than 1m on a log scale
+        ("20m", 1 / 30, "1m"),
+        ("1m", 12.0, "20m"),  # 12 minutes' worth there
+        ("2h", 1.0, "20m"),  # beyond the longest preset, the longest
+        ("10s", 1.0, "1m"),
+    ],
+)  # fmt: skip
+def test_preset_for_picks_the_preset_tuned_for_the_same_training(budget, speed_ratio, expected):
+    speed = PRESET_MACHINE_SPEED * speed_ratio
+    assert preset_for(parse_duration(budget), speed) == expected
+
+
+def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():
+    for budget, speed in ((300.0, 0.0), (0.0, 1000.0), (300.0, -5.0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            preset_for(budget, speed)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "picks"),
+    [
+        ({}, True),
+        ({"time-budget": "20m", "data": ["a.txt"], "eval_every": 50, "cell": "gru"}, True),
+        ({"batch_size": 32, "optimizer": "adamw", "out": "runs/x"}, True),
+        ({"preset": "5m"}, False),
+        ({"max-steps": 100}, False),
+        ({"max_epochs": 2}, False),
+        ({"hidden-dim": 512}, False),
+        ({"n_layers": 3}, False),
+        ({"dropout": 0.1}, False),
+        ({"lr": 0.01, "time_budget": "1m"}, False),
+    ],
+)
+def test_picks_preset_only_when_the_run_leaves_the_learning_settings_open(overrides, picks):
+    assert picks_preset(overrides) is picks

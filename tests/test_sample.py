@@ -19,6 +19,13 @@ VOCAB = 9
 finite_logits = st.lists(
     st.floats(-8, 8, allow_nan=False, allow_infinity=False), min_size=2, max_size=24
 )
+# Logits and every filter setting, drawn together.
+filtered_draws = {
+    "logits": finite_logits,
+    "temperature": st.floats(0.05, 5),
+    "top_k": st.integers(0, 30),
+    "top_p": st.floats(0.01, 1.0),
+}
 
 
 def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN:
@@ -60,12 +67,7 @@ def collect(steps) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    logits=finite_logits,
-    temperature=st.floats(0.05, 5),
-    top_k=st.integers(0, 30),
-    top_p=st.floats(0.01, 1.0),
-)
+@given(**filtered_draws)
 def test_filter_probs_is_a_distribution(logits, temperature, top_k, top_p):
     probs = filter_probs(np.array([logits, logits[::-1]]), temperature, top_k, top_p)
     assert probs.shape == (2, len(logits))
@@ -203,6 +205,16 @@ def test_next_ids_draws_from_the_filtered_distribution():
     np.testing.assert_allclose(frequencies(0, 1.0), [0.5, 0.3, 0.15, 0.05], atol=0.01)
     np.testing.assert_allclose(frequencies(2, 1.0), [0.625, 0.375, 0, 0], atol=0.01)
     np.testing.assert_allclose(frequencies(0, 0.9), np.array([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.01)
+
+
+@settings(max_examples=60, deadline=None)
+@given(**filtered_draws, seed=st.integers(0, 2**32 - 1))
+def test_next_ids_draws_only_what_the_filter_keeps(logits, temperature, top_k, top_p, seed):
+    rows = np.array([logits, logits[::-1]] * 50)
+    ids = next_ids(rows, temperature, top_k, top_p, np.random.default_rng(seed))
+    kept = filter_probs(rows, temperature, top_k, top_p) > 0
+    assert ids.shape == (100,) and ids.dtype == np.int64
+    assert kept[np.arange(100), ids].all()
 
 
 def test_a_symbol_with_zero_probability_is_never_drawn():

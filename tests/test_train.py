@@ -297,6 +297,35 @@ def test_max_epochs_stops_at_that_many_passes(shakespeare_200k, tmp_path, epochs
     assert checkpoint_info(out / "last")["epoch"] == pytest.approx(epochs)
 
 
+def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
+    shakespeare_200k, tmp_path, monkeypatch
+):
+    """The probe behind the preset choice trains real steps of the run's own model, and a
+    run trained after it is the same, bit for bit, as one trained without it."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+
+    def run(name: str, measure_first: bool) -> Path:
+        config = tiny_config(shakespeare_200k, tmp_path / name, max_steps=12, dropout=0.3)
+        if measure_first:
+            speed = charlstm.measure_speed(config)
+            assert math.isfinite(speed) and speed > 0
+            assert not (tmp_path / name).exists() and list(workdir.iterdir()) == []
+        charlstm.train(config, progress=False)
+        return tmp_path / name
+
+    plain, measured = run("plain", False), run("measured", True)
+    assert losses(read_metrics(plain), "train") == losses(read_metrics(measured), "train")
+    assert weights_bytes(plain / "last") == weights_bytes(measured / "last")
+
+
+def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path):
+    config = tiny_config(shakespeare_200k, tmp_path / "run", batch_size=0)
+    with pytest.raises(CharLSTMError, match="--batch-size must be at least 1"):
+        charlstm.measure_speed(config)
+
+
 def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     budget = 3.0

@@ -4,6 +4,7 @@ Python API::
 
     import charlstm
     result = charlstm.train(charlstm.RunConfig())          # train on the built-in corpus
+    preset = charlstm.preset_for(300, charlstm.measure_speed(charlstm.RunConfig()))  # 5 min
     model = charlstm.load("runs/shakespeare-.../best")     # or a run directory
     print(model.generate("ROMEO:", length=200, temperature=0.8))
     print(charlstm.evaluate(model, "To be, or not to be").bpc)
@@ -33,6 +34,7 @@ from charlstm.config import (
     RunConfig,
     SampleConfig,
     TrainConfig,
+    preset_for,
 )
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult
@@ -40,7 +42,7 @@ from charlstm.interpret import Inspection, inspect
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
 from charlstm.plot import plot_runs
-from charlstm.train import TrainResult, train
+from charlstm.train import TrainResult, measure_speed, train
 
 
 def load(path: str, device: str = "auto") -> CharLM:
@@ -76,6 +78,8 @@ __all__ = [
     "evaluate",
     "inspect",
     "load",
+    "measure_speed",
     "plot_runs",
+    "preset_for",
     "train",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -21,11 +22,15 @@ from charlstm.checkpoint import read_checkpoint
 from charlstm.compare import DEFAULT_BUDGET, DEFAULT_CELLS, compare
 from charlstm.config import (
     CELLS,
+    DEFAULT_TIME_BUDGET,
+    PRESET_MACHINE_SPEED,
     UNKNOWN_POLICIES,
     DynamicEvalConfig,
     RunConfig,
     SampleConfig,
     load_config_file,
+    picks_preset,
+    preset_for,
 )
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.evaluate import EvalResult
@@ -152,13 +157,32 @@ def _train(args: argparse.Namespace) -> int:
     if resume_from is not None:
         # A resumed run keeps its saved settings; only the flags given now change them.
         base = read_checkpoint(resume_from).config.with_overrides(overrides)
-    result = train(base, progress=True)
+    # A fresh run that leaves its learning settings open gets the preset for this machine.
+    adapt = None
+    if resume_from is None and world.size == 1 and picks_preset(overrides):
+        adapt = functools.partial(_preset_for_this_machine, base, overrides)
+    result = train(base, progress=True, adapt=adapt)
     length = base.train.sample_length
     if length and result.model is not None:  # under torchrun, rank 0 alone samples
         print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
         # From a newline, or its stand-in when the training text had none (a one-line file).
         _write_stream(result.model.stream("\n", length, unknown="replace"))
     return 0
+
+
+def _preset_for_this_machine(base: RunConfig, overrides: dict[str, Any], speed: float) -> RunConfig:
+    """``base`` with the settings of the preset that suits its budget at ``speed``, this
+    machine's characters per second on ``base``'s model (the flags given still win)."""
+    budget = base.train.budget_seconds()
+    assert budget is not None  # picks_preset: no step or epoch limit, so a budget
+    preset = preset_for(budget, speed)
+    _say(
+        f"preset {preset}: this machine trains the 5m settings at {speed:,.0f} chars/s, "
+        f"{speed / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned on "
+        "(--preset chooses one yourself)"
+    )
+    settings = {"preset": preset, "time_budget": base.train.time_budget or DEFAULT_TIME_BUDGET}
+    return RunConfig().with_overrides({**settings, **overrides})
 
 
 def _sample(args: argparse.Namespace) -> int:

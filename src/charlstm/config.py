@@ -63,6 +63,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The default model's training speed on the machine the presets were tuned on: a 2-core
+# AVX-512 BF16 VM, which trained it at 73,000 to 97,000 characters/s (README, Benchmarks).
+PRESET_MACHINE_SPEED = 80_000.0
+# Settings that shape what a run learns; a run given any of them, or a --preset, or a step or
+# epoch limit, keeps the settings it was given rather than having a preset picked for it.
+LEARNING_SETTINGS = frozenset(
+    key
+    for settings in PRESETS.values()
+    for key in settings
+    if key not in ("time_budget", "eval_every")
+)
+
 CELLS = ("lstm", "gru", "rnn")
 HEAD_INPUTS = ("all", "last")
 DROPOUT_MASKS = ("step", "sequence")
@@ -207,7 +219,9 @@ class TrainConfig:
     preset: str | None = option(
         None,
         "start from the settings that reach the lowest validation loss in that wall time on a "
-        "2-core CPU: 1m, 5m (the defaults) or 20m; other flags override them",
+        "2-core AVX-512 CPU: 1m, 5m (the defaults) or 20m; other flags override them. Without "
+        "it, `charlstm train` picks the one that suits --time-budget at this machine's "
+        "measured speed, unless --max-steps, --max-epochs or a setting a preset tunes is given",
         choices=tuple(PRESETS),
     )
     seed: int = option(1337, "random seed: the same seed and settings repeat a CPU run exactly")
@@ -419,6 +433,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def picks_preset(overrides: dict[str, Any]) -> bool:
+    """Whether a run given these flat overrides leaves its preset to the machine's speed (see
+    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`."""
+    given = {key.replace("-", "_") for key in overrides}
+    return not given & {"preset", "max_steps", "max_epochs", *LEARNING_SETTINGS}
+
+
+def preset_for(budget_seconds: float, chars_per_second: float) -> str:
+    """The preset for a wall-clock budget on a machine that trains the default model at
+    ``chars_per_second``: the one tuned for the budget in which the presets' machine
+    (:data:`PRESET_MACHINE_SPEED`) trains as many characters, nearest on a log scale."""
+    if budget_seconds <= 0 or chars_per_second <= 0:
+        raise ValueError("the budget and the speed must be positive")
+    equivalent = budget_seconds * chars_per_second / PRESET_MACHINE_SPEED
+    tuned = {name: parse_duration(settings["time_budget"]) for name, settings in PRESETS.items()}
+    return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
 
 
 def parse_duration(text: str) -> float:

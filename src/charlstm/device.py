@@ -43,6 +43,14 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if bf16_ok else None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` is done (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory in the process instead of returning it to the system.
 

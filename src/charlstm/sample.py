@@ -26,26 +26,13 @@ def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: floa
     symbols whose probability reaches ``top_p`` (1 = all). The likeliest symbol always survives.
     ``temperature`` must be positive here; 0 (greedy) is handled by :func:`next_ids`.
     """
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    vocab = probs.shape[-1]
-    if not (0 < top_k < vocab or top_p < 1.0):
+    weights, cumulative, order = _kept_weights(logits, temperature, top_k, top_p)
+    probs = weights / cumulative[:, -1:]
+    if order is None:
         return probs
-    # Work in rank order (likeliest first, ties by id), then put the kept mass back in place.
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    rows = np.arange(len(probs))[:, None]
-    ranked = probs[rows, order]
-    if 0 < top_k < vocab:
-        ranked[:, top_k:] = 0.0
-        ranked /= ranked.sum(axis=-1, keepdims=True)
-    if top_p < 1.0:
-        before = np.cumsum(ranked, axis=-1) - ranked  # mass of the likelier symbols
-        ranked[before >= top_p] = 0.0  # kept: up to and including the one that reaches top_p
-        ranked /= ranked.sum(axis=-1, keepdims=True)
-    filtered = np.empty_like(probs)
-    filtered[rows, order] = ranked
-    return filtered
+    in_place = np.empty_like(probs)
+    in_place[np.arange(len(probs))[:, None], order] = probs
+    return in_place
 
 
 def next_ids(
@@ -55,18 +42,44 @@ def next_ids(
     top_p: float,
     rng: np.random.Generator | None,
 ) -> np.ndarray:
-    """Draw one id per row of logits (N, V); temperature 0 takes the likeliest.
+    """Draw one id per row of logits (N, V) from :func:`filter_probs`' distribution;
+    temperature 0 takes the likeliest.
 
-    A draw inverts the cumulative distribution at one uniform number per row, so the same
-    generator state and the same logits always give the same ids.
+    A draw inverts the cumulative distribution at one uniform number per row (over the symbols
+    in rank order when filtering, else in id order), so the same generator state and the same
+    logits always give the same ids.
     """
     if temperature == 0:
         return np.asarray(logits).argmax(axis=-1)
-    probs = filter_probs(logits, temperature, top_k, top_p)
-    cumulative = np.cumsum(probs, axis=-1)
+    _, cumulative, order = _kept_weights(logits, temperature, top_k, top_p)
     rng = rng if rng is not None else np.random.default_rng()
-    point = rng.random(len(probs))[:, None] * cumulative[:, -1:]
-    return np.minimum((cumulative <= point).sum(axis=-1), probs.shape[-1] - 1)
+    point = rng.random(len(cumulative))[:, None] * cumulative[:, -1:]
+    # Past the kept symbols the total stays flat above the point, so they are never reached.
+    chosen = np.minimum((cumulative <= point).sum(axis=-1), cumulative.shape[-1] - 1)
+    return chosen if order is None else order[np.arange(len(order)), chosen]
+
+
+def _kept_weights(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What the filter keeps, unnormalised: the weights exp(logit / temperature) with the
+    dropped ones zeroed, their running totals, and the rank order (likeliest first, ties by
+    id) the two are in, or None when nothing is filtered and they stay in id order."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    weights = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    vocab = weights.shape[-1]
+    if not (0 < top_k < vocab or top_p < 1.0):
+        return weights, weights.cumsum(axis=-1), None
+    order = np.argsort(-weights, axis=-1, kind="stable")
+    weights = weights[np.arange(len(weights))[:, None], order]
+    if 0 < top_k < vocab:
+        weights[:, top_k:] = 0.0
+    cumulative = weights.cumsum(axis=-1)
+    if top_p < 1.0:
+        # Kept: up to and including the first symbol whose running total reaches top_p.
+        weights[cumulative - weights >= top_p * cumulative[:, -1:]] = 0.0
+        cumulative = weights.cumsum(axis=-1)
+    return weights, cumulative, order
 
 
 def generate_ids(
@@ -132,8 +145,9 @@ class NumpyStepper:
     reads [its input | its own h] as one contiguous column range and, for an LSTM or vanilla
     RNN, computes its gates in one product with the stacked weights; the head reads its input
     from the same buffer. Layer 0's input is folded into a lookup table (embedding times input
-    weights plus biases), and the LSTM gates are reordered so one sigmoid covers three of them.
-    At batch 1 the calls, not the arithmetic, are what a step costs.
+    weights plus biases), the LSTM gates are reordered and scaled so one tanh covers all four,
+    and the states are updated in place. At batch 1 the calls, not the arithmetic, are what a
+    step costs.
     """
 
     def __init__(self, net: CharRNN, state: State) -> None:
@@ -175,20 +189,26 @@ class NumpyStepper:
             joined = self.hidden[:, (layer - 1) * size : (layer + 1) * size] if layer else h
             if self.cell == "gru":
                 inputs = w_in[ids] if layer == 0 else joined[:, :size] @ w_in + b_in
-                new_h = _gru(inputs, h @ w_hh + b_hh, h, size)
+                h[...] = _gru(inputs, h @ w_hh + b_hh, h, size)
+                continue
+            gates = w_in[ids] + h @ w_hh if layer == 0 else joined @ w_in + b_in
+            if self.cell == "lstm":
+                self._lstm(self.cells[layer], gates, h)
             else:
-                gates = w_in[ids] + h @ w_hh if layer == 0 else joined @ w_in + b_in
-                new_h = self._lstm(layer, gates) if self.cell == "lstm" else np.tanh(gates)
-            h[...] = new_h
+                np.tanh(gates, out=h)
         return self.head_input @ self.head_weight + self.head_bias
 
-    def _lstm(self, layer: int, gates: np.ndarray) -> np.ndarray:
+    def _lstm(self, c: np.ndarray, gates: np.ndarray, h: np.ndarray) -> None:
+        """Advance the cell state ``c`` and write the new h into ``h``, both in place."""
         size = self.size
-        ifo = _sigmoid(gates[:, : 3 * size])  # input, forget, output (see _gate_order)
-        candidate = np.tanh(gates[:, 3 * size :])
-        c = ifo[:, size : 2 * size] * self.cells[layer] + ifo[:, :size] * candidate
-        self.cells[layer] = c
-        return ifo[:, 2 * size :] * np.tanh(c)
+        # One tanh for all four gates: the sigmoid ones arrive halved (see _gate_order).
+        squashed = np.tanh(gates)
+        ifo = squashed[:, : 3 * size]  # input, forget, output
+        ifo *= 0.5
+        ifo += 0.5
+        c *= ifo[:, size : 2 * size]
+        c += ifo[:, :size] * squashed[:, 3 * size :]
+        np.multiply(ifo[:, 2 * size :], np.tanh(c), out=h)
 
 
 def _right_operand(matrix: np.ndarray | None, batch: int) -> np.ndarray | None:
@@ -202,11 +222,13 @@ def _right_operand(matrix: np.ndarray | None, batch: int) -> np.ndarray | None:
 
 
 def _gate_order(weights: np.ndarray, cell: str, size: int) -> np.ndarray:
-    """PyTorch stacks LSTM gates as input, forget, cell, output; put the three sigmoids first."""
+    """PyTorch stacks LSTM gates as input, forget, cell, output; put the three sigmoids first,
+    halved, so that one tanh serves all four: sigmoid(x) = (1 + tanh(x / 2)) / 2. Halving is
+    exact in binary floating point, so the products come out exactly as halved afterwards."""
     if cell != "lstm":
         return weights
     i, f, g, o = (weights[k * size : (k + 1) * size] for k in range(4))
-    return np.concatenate([i, f, o, g])
+    return np.concatenate([0.5 * i, 0.5 * f, 0.5 * o, g])
 
 
 def _gru(inputs: np.ndarray, recurrent: np.ndarray, h: np.ndarray, size: int) -> np.ndarray:

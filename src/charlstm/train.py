@@ -16,12 +16,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -35,8 +36,8 @@ from charlstm.checkpoint import (
     write_checkpoint,
 )
 from charlstm.config import RunConfig, TrainConfig
-from charlstm.data import Corpus, load_corpus
-from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device
+from charlstm.data import Corpus, Vocab, load_corpus
+from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device, synchronize
 from charlstm.distributed import World
 from charlstm.ema import WeightAverage
 from charlstm.errors import CharLSTMError, TrainingInterrupted
@@ -70,8 +71,19 @@ class TrainResult:
     model: CharLM | None = field(repr=False)  # the best checkpoint; None on ranks other than 0
 
 
-def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
+def train(
+    config: RunConfig,
+    *,
+    progress: bool = True,
+    adapt: Callable[[float], RunConfig] | None = None,
+) -> TrainResult:
     """Train a model as ``config`` says; returns the best checkpoint loaded as a CharLM.
+
+    ``adapt``, for a fresh run, is given this machine's training speed on ``config``'s model
+    (characters per second, :func:`measure_speed`, timed once the inputs are checked and
+    counted in the budget) and returns the configuration to train instead: how
+    ``charlstm train`` picks a preset (:func:`~charlstm.config.preset_for`). Not for a run
+    that resumes, which keeps its saved settings.
 
     SIGINT (Ctrl-C) and SIGTERM let the current step finish, save ``last/`` and raise
     :class:`~charlstm.errors.TrainingInterrupted`; a second Ctrl-C stops at once.
@@ -84,10 +96,16 @@ def train(config: RunConfig, *, progress: bool = True) -> TrainResult:
     config.validate()
     world = distributed.world()  # a single process unless started by torchrun
     with world.failures():
-        return _train(config, progress, started, world)
+        return _train(config, progress, started, world, adapt)
 
 
-def _train(config: RunConfig, progress: bool, started: float, world: World) -> TrainResult:
+def _train(
+    config: RunConfig,
+    progress: bool,
+    started: float,
+    world: World,
+    adapt: Callable[[float], RunConfig] | None,
+) -> TrainResult:
     world.check_batch(config.train.batch_size)
     # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
     resume_from = world.main_first(find_resume_checkpoint, config.train)
@@ -111,6 +129,9 @@ def _train(config: RunConfig, progress: bool, started: float, world: World) -> T
             f"the training text differs from the one {run_dir} was trained on; resume with the "
             "same --data, or start a new run"
         )
+    if adapt is not None and saved is None:
+        config = adapt(measure_speed(config, corpus.vocab.size))
+        config.validate()
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
     if world.rank:  # the same initial weights everywhere, but each process its own dropout
@@ -127,6 +148,34 @@ def _train(config: RunConfig, progress: bool, started: float, world: World) -> T
             return trainer.run()
     finally:
         trainer.shards.close()
+
+
+def measure_speed(config: RunConfig, vocab_size: int = 96, steps: int = 2) -> float:
+    """Characters per second at which this machine trains ``config``'s model: ``steps`` real
+    training steps (after one to warm up) on random text of ``vocab_size`` symbols, on the
+    device and in the arithmetic the run would use. Nothing is written, and a run trained
+    afterwards is not affected."""
+    config.validate()
+    device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    vocab = Vocab("text", tuple(range(32, 32 + vocab_size)))
+    length = (steps + 2) * config.train.batch_size * (config.train.seq_len + 1)
+    text = np.random.default_rng(0).integers(0, vocab.size, length, dtype=np.uint8)
+    corpus = Corpus("random text", vocab, text, text[:0], fingerprint="")
+    net = CharRNN(config.model, vocab.size).to(device)
+    trainer = _Trainer(config, corpus, net, device, Path(os.devnull), False, time.monotonic())
+    try:
+        trainer._train_step()  # pays the one-off costs: kernel set-up, first allocations
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer._train_step()
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+    finally:
+        trainer.shards.close()
+    return steps * config.train.batch_size * config.train.seq_len / elapsed
 
 
 @contextlib.contextmanager
