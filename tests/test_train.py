@@ -320,6 +320,26 @@ def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
     assert weights_bytes(plain / "last") == weights_bytes(measured / "last")
 
 
+def test_adapt_gets_the_measured_speed_and_its_configuration_is_trained(shakespeare_200k, tmp_path):
+    config = tiny_config(shakespeare_200k, tmp_path / "run", max_steps=6)
+    speeds: list[float] = []
+
+    def adapt(speed: float) -> charlstm.RunConfig:
+        speeds.append(speed)
+        return config.with_overrides({"hidden_dim": 24, "max_steps": 8})
+
+    result = charlstm.train(config, progress=False, adapt=adapt)
+    assert len(speeds) == 1 and speeds[0] > 0
+    assert result.steps == 8
+    saved = checkpoint_info(tmp_path / "run" / "last")["config"]
+    assert saved["model"]["hidden_dim"] == 24
+    # A resumed run keeps its saved settings: adapt is not asked.
+    resumed = {"hidden_dim": 24, "max_steps": 10, "resume": str(result.run_dir)}
+    again = config.with_overrides(resumed)
+    assert charlstm.train(again, progress=False, adapt=adapt).steps == 10
+    assert len(speeds) == 1
+
+
 def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path):
     config = tiny_config(shakespeare_200k, tmp_path / "run", batch_size=0)
     with pytest.raises(CharLSTMError, match="--batch-size must be at least 1"):
