@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps for each")
     parser.add_argument("--rounds", type=int, default=2, help="turns each loop takes")
     args = parser.parse_args()
+    if args.steps < 20:  # charlstm's speed is read from its log windows of 10, the first skipped
+        parser.error("--steps must be at least 20")
     _, val_ids, vocab = encoded_corpus()
     flops = flops_per_trained_char(ModelConfig(), vocab)
     plain_flops = flops_per_trained_char(ModelConfig(head_input="last"), vocab)
