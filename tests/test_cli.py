@@ -1,7 +1,7 @@
 """The ``charlstm`` command, run as a real subprocess: train, sample, eval, and its errors.
 
-Each subprocess pays ~1.5 s to import torch, so independent commands are started side by side
-(``run_many``) where a test needs several.
+Each subprocess that trains or loads a model pays 1.5-3 s to import torch, so independent
+commands are started side by side (``run_many``) where a test needs several.
 """
 
 from __future__ import annotations
@@ -75,6 +75,40 @@ def test_version(isolated_data_dir, tmp_path):
     )
     assert result.returncode == 0
     assert result.stdout == f"charlstm {charlstm.__version__}\n"
+
+
+# Each argv, then whether torch had loaded when it returned, one line per command on stderr.
+WITHOUT_TORCH = """
+import sys
+from charlstm.cli import main
+
+for argv in sys.argv[1:]:
+    try:
+        code = main(argv.split())
+    except SystemExit as e:
+        code = e.code
+    print(f"{argv}: exit {code}, torch loaded: {'torch' in sys.modules}", file=sys.stderr)
+"""
+
+
+def test_help_usage_mistakes_and_rejected_settings_answer_before_torch_loads(tmp_path):
+    commands = ["--help", "train --help", "train --bogus", "train --lr 0", "sample x --top-p 2"]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *commands],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("error:")]
+    codes = [0, 0, 2, 2, 2]
+    assert lines == [
+        f"{c}: exit {code}, torch loaded: False" for c, code in zip(commands, codes, strict=True)
+    ]
+    # The next command that needs a model does load it (the same process, to show the test
+    # sees torch when it is there).
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, f"sample {tmp_path}"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.stderr.splitlines()[-1] == f"sample {tmp_path}: exit 2, torch loaded: True"
 
 
 def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_data_dir, tmp_path):

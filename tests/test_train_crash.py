@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 TIMEOUT = 180
-STEPS = 300
+STEPS = 150
 # A small, fast model, a checkpoint every 25 steps, dropout on (so the RNG state matters).
 TRAIN = [
     "--max-steps", str(STEPS), "--eval-every", "25", "--log-every", "5", "--embed-dim", "16",

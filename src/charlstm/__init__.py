@@ -16,7 +16,11 @@ Python API::
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 # Idle OpenMP threads sleep at once instead of spinning first (unless the user chose a policy).
 # Spinning threads of two processes sharing a CPU starve each other's work: two evaluations side
@@ -26,27 +30,79 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from charlstm.compare import CellResult, Comparison, compare
-from charlstm.config import (
-    DataConfig,
-    DynamicEvalConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-    preset_for,
-)
-from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult
-from charlstm.interpret import Inspection, inspect
-from charlstm.lm import CharLM
-from charlstm.model import CharRNN
-from charlstm.plot import plot_runs
-from charlstm.train import TrainResult, measure_speed, train
+# Public names load with their modules on first use (PEP 562): most of them pull in torch, which
+# takes seconds to import, and the command line answers --help and usage mistakes without it.
+_EXPORTS = {
+    "charlstm.compare": ("CellResult", "Comparison", "compare"),
+    "charlstm.config": (
+        "DataConfig",
+        "DynamicEvalConfig",
+        "ModelConfig",
+        "RunConfig",
+        "SampleConfig",
+        "TrainConfig",
+        "preset_for",
+    ),
+    "charlstm.errors": ("CharLSTMError",),
+    "charlstm.evaluate": ("EvalResult",),
+    "charlstm.interpret": ("Inspection", "inspect"),
+    "charlstm.lm": ("CharLM",),
+    "charlstm.model": ("CharRNN",),
+    "charlstm.plot": ("plot_runs",),
+    "charlstm.train": ("TrainResult", "measure_speed", "train"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from charlstm.compare import CellResult, Comparison, compare
+    from charlstm.config import (
+        DataConfig,
+        DynamicEvalConfig,
+        ModelConfig,
+        RunConfig,
+        SampleConfig,
+        TrainConfig,
+        preset_for,
+    )
+    from charlstm.errors import CharLSTMError
+    from charlstm.evaluate import EvalResult
+    from charlstm.interpret import Inspection, inspect
+    from charlstm.lm import CharLM
+    from charlstm.model import CharRNN
+    from charlstm.plot import plot_runs
+    from charlstm.train import TrainResult, measure_speed, train
+
+
+class _Package(types.ModuleType):
+    """This package's module object, which keeps its public functions when their namesake
+    submodules load: loading ``charlstm.train`` binds that module to the package's ``train``,
+    which is the function :func:`train` (likewise ``compare`` and ``evaluate``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (isinstance(value, types.ModuleType) and name in __all__):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'charlstm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
 
 
 def load(path: str, device: str = "auto") -> CharLM:
     """Load a trained model from a checkpoint directory or a run directory."""
+    from charlstm.lm import CharLM
+
     return CharLM.load(path, device=device)
 
 

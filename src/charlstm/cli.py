@@ -15,14 +15,15 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from charlstm import distributed
-from charlstm.checkpoint import read_checkpoint
-from charlstm.compare import DEFAULT_BUDGET, DEFAULT_CELLS, compare
 from charlstm.config import (
     CELLS,
+    COMPARE_BUDGET,
+    COMPARE_CELLS,
     DEFAULT_TIME_BUDGET,
+    INSPECT_MAX_CHARS,
     PRESET_MACHINE_SPEED,
     UNKNOWN_POLICIES,
     DynamicEvalConfig,
@@ -33,11 +34,14 @@ from charlstm.config import (
     preset_for,
 )
 from charlstm.errors import CharLSTMError, TrainingInterrupted
-from charlstm.evaluate import EvalResult
-from charlstm.interpret import DEFAULT_MAX_CHARS, inspect, read_text_file
-from charlstm.lm import CharLM
-from charlstm.plot import CURVES_FILE, plot_runs
-from charlstm.train import find_resume_checkpoint, train
+from charlstm.plot import CURVES_FILE
+
+if TYPE_CHECKING:
+    from charlstm.evaluate import EvalResult
+    from charlstm.lm import CharLM
+
+# Each command imports the modules that load torch when it runs (2-3 s on a small CPU), so that
+# --help, usage mistakes and settings the configuration rejects answer at once.
 
 EXIT_USAGE = 2
 
@@ -151,6 +155,11 @@ def _train(args: argparse.Namespace) -> int:
     overrides = load_config_file(args.config) if args.config else {}
     overrides.update(_given(args, RunConfig))
     base = RunConfig().with_overrides(overrides)
+    if base.train.resume is None:
+        base.validate()  # a fresh run's settings; a resumed run's are its saved ones, later
+    from charlstm.checkpoint import read_checkpoint
+    from charlstm.train import find_resume_checkpoint, train
+
     with world.failures():
         # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
         resume_from = world.main_first(find_resume_checkpoint, base.train)
@@ -188,6 +197,8 @@ def _preset_for_this_machine(base: RunConfig, overrides: dict[str, Any], speed: 
 def _sample(args: argparse.Namespace) -> int:
     settings = SampleConfig(**_given(args, SampleConfig))
     settings.validate()
+    from charlstm.lm import CharLM
+
     model = CharLM.load(args.checkpoint, device=args.device)
     options = {
         "temperature": settings.temperature,
@@ -217,6 +228,8 @@ def _eval(args: argparse.Namespace) -> int:
     settings = DynamicEvalConfig(**given)
     settings.validate()
     dynamic = settings if args.dynamic else False
+    from charlstm.lm import CharLM
+
     model = CharLM.load(args.checkpoint, device=args.device)
     if args.data is None:
         result = _evaluate_validation(model, dynamic)
@@ -279,14 +292,14 @@ def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
         "--cells",
         nargs="+",
         choices=CELLS,
-        default=list(DEFAULT_CELLS),
-        help=f"cells to train, in this order (default: {' '.join(DEFAULT_CELLS)})",
+        default=list(COMPARE_CELLS),
+        help=f"cells to train, in this order (default: {' '.join(COMPARE_CELLS)})",
     )
     compare_cmd.add_argument(
         "--time-budget",
         dest="time_budget",
         default=argparse.SUPPRESS,
-        help=f"wall-clock budget of each cell, evaluation included (default: {DEFAULT_BUDGET}, "
+        help=f"wall-clock budget of each cell, evaluation included (default: {COMPARE_BUDGET}, "
         "or the --preset's)",
     )
     for section in dataclasses.fields(RunConfig):
@@ -308,8 +321,8 @@ def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
     inspect_cmd.add_argument(
         "--max-chars",
         type=int,
-        default=DEFAULT_MAX_CHARS,
-        help=f"read only the first N characters (default: {DEFAULT_MAX_CHARS})",
+        default=INSPECT_MAX_CHARS,
+        help=f"read only the first N characters (default: {INSPECT_MAX_CHARS})",
     )
     inspect_cmd.add_argument(
         "--top", type=int, default=3, help="units to list and show per property (default: 3)"
@@ -338,6 +351,8 @@ def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from charlstm.plot import plot_runs
+
     out = plot_runs(args.run_dirs, args.out, labels=args.labels, title=args.title)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -349,7 +364,9 @@ def _compare(args: argparse.Namespace) -> int:
     base = RunConfig().with_overrides(overrides)
     # compare's own default budget, unless a budget was asked for (a preset brings its own).
     given = "time_budget" in overrides or "preset" in overrides
-    result = compare(base, cells=args.cells, time_budget=None if given else DEFAULT_BUDGET)
+    from charlstm.compare import compare
+
+    result = compare(base, cells=args.cells, time_budget=None if given else COMPARE_BUDGET)
     if result.rows:  # under torchrun, rank 0 alone reports
         print(result.table())
         print(f"wrote {result.plot} and the table in {result.out}", file=sys.stderr)
@@ -361,6 +378,8 @@ def _inspect(args: argparse.Namespace) -> int:
                         ("--show", args.show)):  # fmt: skip
         if value < 1:
             raise CharLSTMError(f"{flag} must be at least 1, got {value}")
+    from charlstm.interpret import inspect, read_text_file
+
     text = read_text_file(args.text)
     result = inspect(
         args.checkpoint, text, max_chars=args.max_chars, unknown=args.unknown, device=args.device

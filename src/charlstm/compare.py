@@ -18,13 +18,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from charlstm.config import CELLS, RunConfig
+from charlstm.config import CELLS, COMPARE_BUDGET, COMPARE_CELLS, RunConfig
 from charlstm.errors import CharLSTMError
 from charlstm.plot import plot_runs
 from charlstm.train import train
 
-DEFAULT_CELLS = ("rnn", "gru", "lstm")
-DEFAULT_BUDGET = "10m"  # per cell
 TABLE_FILE, JSON_FILE, PLOT_FILE = "compare.md", "compare.json", "compare.png"
 
 
@@ -69,9 +67,9 @@ class Comparison:
 def compare(
     config: RunConfig | None = None,
     *,
-    cells: Sequence[str] = DEFAULT_CELLS,
+    cells: Sequence[str] = COMPARE_CELLS,
     out: str | Path | None = None,
-    time_budget: str | None = DEFAULT_BUDGET,
+    time_budget: str | None = COMPARE_BUDGET,
     progress: bool = True,
 ) -> Comparison:
     """Train each of ``cells`` as ``config`` says into ``out/<cell>/``; table and plot them.

@@ -84,6 +84,11 @@ OPTIMIZERS = ("muon", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UNKNOWN_POLICIES = ("error", "skip", "replace")
+# `charlstm compare` trains these cells, in this order, each for this budget unless told.
+COMPARE_CELLS = ("rnn", "gru", "lstm")
+COMPARE_BUDGET = "10m"
+# `charlstm inspect` reads this many characters of its text unless told.
+INSPECT_MAX_CHARS = 20_000
 
 
 @dataclass

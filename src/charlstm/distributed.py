@@ -22,11 +22,12 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from charlstm.errors import CharLSTMError
+
+if TYPE_CHECKING:  # torch loads only once a job needs it: the CLI's errors come before that
+    import torch
 
 T = TypeVar("T")
 
@@ -98,6 +99,8 @@ class World:
         if device.type == "mps":
             raise CharLSTMError("torchrun trains on CUDA GPUs or CPUs, not MPS: add --device cpu")
         if device.type == "cuda":
+            import torch
+
             count = torch.cuda.device_count()
             if self.local_rank >= count:
                 raise CharLSTMError(
@@ -131,6 +134,7 @@ class World:
     def _reduce(self, values: Sequence[float], op: str) -> list[float]:
         if self.size == 1:
             return list(values)
+        import torch
         import torch.distributed as dist
 
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
@@ -141,6 +145,7 @@ class World:
         """Every process's ``tensor`` (same shape everywhere), in rank order, on every process."""
         if self.size == 1:
             return [tensor]
+        import torch
         import torch.distributed as dist
 
         tensor = tensor.contiguous()
@@ -152,6 +157,7 @@ class World:
         """Process ``src``'s ``text`` on every process (others pass anything)."""
         if self.size == 1:
             return text
+        import torch
         import torch.distributed as dist
 
         data = text.encode() if self.rank == src else b""
@@ -215,6 +221,7 @@ class World:
             if error is not None:
                 raise error
             return
+        import torch
         import torch.distributed as dist
 
         flag = torch.tensor([self.rank if error is not None else self.size], dtype=torch.int64)
@@ -337,6 +344,7 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def _backend() -> str:
+    import torch
     import torch.distributed as dist
 
     if torch.cuda.is_available() and dist.is_nccl_available():

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from charlstm.config import INSPECT_MAX_CHARS
 from charlstm.data import BYTES
 from charlstm.errors import CharLSTMError
 from charlstm.lm import CharLM
 from charlstm.model import WEIGHT_NAMES, CharRNN, run_layer
 
 MIN_CHARS = 100  # fewer characters than this make correlations meaningless
-DEFAULT_MAX_CHARS = 20_000
 _VOWELS = frozenset("aeiou")
 
 # ---- properties of the text -----------------------------------------------------------------
@@ -341,7 +341,7 @@ def inspect(
     model: CharLM | str | Path,
     text: str,
     *,
-    max_chars: int | None = DEFAULT_MAX_CHARS,
+    max_chars: int | None = INSPECT_MAX_CHARS,
     unknown: str = "error",
     device: str = "cpu",
 ) -> Inspection:
