@@ -13,6 +13,15 @@ import pytest
 import charlstm
 
 
+def printed_by(script: str) -> list[str]:
+    """The words a Python script prints, run in a fresh interpreter (nothing loaded yet)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 @pytest.mark.parametrize("name", charlstm.__all__)
 def test_every_public_name_is_the_object_its_module_defines(name):
     value = getattr(charlstm, name)
@@ -58,11 +67,7 @@ def test_importing_the_package_and_its_configuration_does_not_load_torch():
         "charlstm.train\n"
         "print('torch' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "64", "True"]
+    assert printed_by(probe) == ["False", "64", "True"]
 
 
 def test_functions_keep_their_names_when_their_namesake_modules_load_first():
@@ -73,8 +78,4 @@ def test_functions_keep_their_names_when_their_namesake_modules_load_first():
         "import charlstm\n"
         "print(*(getattr(charlstm, n).__qualname__ for n in ('compare', 'evaluate', 'train')))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["compare", "evaluate", "train"]
+    assert printed_by(probe) == ["compare", "evaluate", "train"]

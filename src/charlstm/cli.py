@@ -34,7 +34,7 @@ from charlstm.config import (
     preset_for,
 )
 from charlstm.errors import CharLSTMError, TrainingInterrupted
-from charlstm.plot import CURVES_FILE
+from charlstm.plot import CURVES_FILE, plot_runs  # numpy, and matplotlib only to draw
 
 if TYPE_CHECKING:
     from charlstm.evaluate import EvalResult
@@ -351,8 +351,6 @@ def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from charlstm.plot import plot_runs
-
     out = plot_runs(args.run_dirs, args.out, labels=args.labels, title=args.title)
     print(f"wrote {out}", file=sys.stderr)
     return 0
