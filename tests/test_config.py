@@ -8,6 +8,8 @@ import json
 import pytest
 
 from charlstm.config import (
+    MANY_EPOCHS,
+    MANY_EPOCHS_DROPOUT,
     PRESET_MACHINE_SPEED,
     PRESETS,
     SECTION_OF,
@@ -17,6 +19,7 @@ from charlstm.config import (
     RunConfig,
     SampleConfig,
     TrainConfig,
+    choose_preset,
     load_config_file,
     parse_duration,
     picks_preset,
@@ -511,6 +514,37 @@ def test_unknown_preset_is_refused():
 def test_preset_for_picks_the_preset_tuned_for_the_same_training(budget, speed_ratio, expected):
     speed = PRESET_MACHINE_SPEED * speed_ratio
     assert preset_for(parse_duration(budget), speed) == expected
+
+
+@pytest.mark.parametrize(
+    ("budget", "train_chars", "preset", "dropout", "words"),
+    [
+        ("5m", 1_000_000, "5m", None, "its own regularisation"),  # 24 passes: as tuned
+        ("5m", 100_000_000, "5m", 0.0, "no dropout"),  # a quarter of a pass
+        ("5m", 200_000, "5m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 120
+        ("1m", 100_000, "1m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 48
+        ("1m", 100_000_000, "1m", None, "its own regularisation"),  # no dropout to drop
+        ("20m", 3_000_000, "20m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 32
+        ("20m", 5_000_000, "20m", None, "its own regularisation"),  # 19 passes
+    ],
+)  # fmt: skip
+def test_choose_preset_fits_regularisation_to_how_often_the_budget_reads_the_text(
+    budget, train_chars, preset, dropout, words
+):
+    seconds = parse_duration(budget)
+    choice = choose_preset(seconds, PRESET_MACHINE_SPEED, train_chars)
+    assert choice.name == preset and choice.settings["preset"] == preset
+    assert choice.settings.get("dropout", None if dropout is None else -1) == dropout
+    assert words in choice.reason
+    epochs = seconds * PRESET_MACHINE_SPEED / train_chars
+    assert f"about {epochs:.3g} times" in choice.reason
+    config = RunConfig().with_overrides(choice.settings).validate()
+    if epochs > MANY_EPOCHS:  # about ten evaluations in the run, so best/ keeps the best
+        steps = seconds * PRESET_MACHINE_SPEED / (config.train.batch_size * config.train.seq_len)
+        assert config.train.eval_every == round(steps / 10)
+        assert f"an evaluation every {config.train.eval_every} steps" in choice.reason
+    else:
+        assert "eval_every" not in choice.settings
 
 
 def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():

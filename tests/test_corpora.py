@@ -42,12 +42,30 @@ def cache(tmp_path: Path, monkeypatch) -> Path:
     return directory
 
 
+# A stand-in for Tiny Shakespeare, pinned in its place by `tiny_in_cache`: the checks below
+# are about the cache and its verification, not about the real file's 1.1 MB.
+TINY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40).encode()
+
+
 @pytest.fixture
-def tiny_in_cache(cache: Path) -> Path:
-    if not SHARED_TINY.exists():
-        pytest.skip(f"Tiny Shakespeare not found at {SHARED_TINY}")
+def tiny_in_cache(cache: Path, monkeypatch) -> Path:
+    """A verified copy of the (stand-in) tinyshakespeare corpus already in the cache."""
+    pin(monkeypatch, "tinyshakespeare", TINY)
     cache.mkdir()
-    return Path(shutil.copy(SHARED_TINY, cache / "tinyshakespeare.txt"))
+    path = cache / "tinyshakespeare.txt"
+    path.write_bytes(TINY)
+    return path
+
+
+def pin(monkeypatch, name: str, payload: bytes, **changes) -> None:
+    """Make the corpus table's entry for ``name`` expect ``payload`` (its size and sha256)."""
+    spec = dataclasses.replace(
+        corpora._DOWNLOADS[name],
+        size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        **changes,
+    )
+    monkeypatch.setitem(corpora._DOWNLOADS, name, spec)
 
 
 def forbidden(*args, **kwargs):
@@ -119,6 +137,16 @@ def test_cached_tinyshakespeare_is_verified_and_used(tiny_in_cache, monkeypatch)
     assert corpora.fetch_builtin("tinyshakespeare", quiet=True).path == tiny_in_cache
 
 
+def test_the_real_tinyshakespeare_matches_its_pinned_size_and_checksum(cache):
+    # The one check that needs the real file: the benchmarks' copy, where there is one.
+    if not SHARED_TINY.exists():
+        pytest.skip(f"the real Tiny Shakespeare (for benchmarks) is not at {SHARED_TINY}")
+    cache.mkdir()
+    path = Path(shutil.copy(SHARED_TINY, cache / "tinyshakespeare.txt"))
+    corpus = corpora.fetch_builtin("tinyshakespeare", quiet=True)
+    assert corpus == corpora.BuiltinCorpus("tinyshakespeare", path, "utf-8", None)
+
+
 def test_corrupted_tinyshakespeare_fails_its_checksum(tiny_in_cache):
     data = bytearray(tiny_in_cache.read_bytes())
     data[1000] ^= 0x20
@@ -181,14 +209,7 @@ def test_offline_zip_download_names_the_unzipped_file(cache, monkeypatch):
 
 def serve(monkeypatch, name: str, source: Path, payload: bytes, **changes) -> None:
     """Point the corpus table's entry for ``name`` at a local file holding ``payload``."""
-    spec = dataclasses.replace(
-        corpora._DOWNLOADS[name],
-        url=source.as_uri(),
-        size=len(payload),
-        sha256=hashlib.sha256(payload).hexdigest(),
-        **changes,
-    )
-    monkeypatch.setitem(corpora._DOWNLOADS, name, spec)
+    pin(monkeypatch, name, payload, url=source.as_uri(), **changes)
 
 
 def test_download_extracts_verifies_and_renames(tmp_path, cache, monkeypatch, capsys):

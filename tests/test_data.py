@@ -1,9 +1,14 @@
 """Reading, decoding, encoding and splitting corpora; the vocabulary."""
 
+# ruff: noqa: RUF001 - texts in Cyrillic and Chinese, with their own punctuation, on purpose
+
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ from charlstm.corpora import data_dir
 from charlstm.data import Vocab, load_corpus, read_codepoints, to_codepoints
 from charlstm.errors import CharLSTMError
 
-MIB16 = 1 << 24
+BLOCK = 1 << 20  # the size of the blocks files are read in
 UNKNOWN_HINT = "(use --unknown skip or --unknown replace to go on)"
 
 
@@ -113,6 +118,13 @@ def test_text_vocab_json_is_a_readable_string():
     assert Vocab("bytes", (10, 233)).to_json() == {"kind": "bytes", "symbols": [10, 233]}
 
 
+def test_text_vocab_with_lone_surrogates_is_stored_as_code_points():
+    # As one string, JSON would read a lone high and a lone low surrogate back as one character.
+    vocab = Vocab("text", (10, 0xD800, 0xDFFF, 0x1F600))
+    assert vocab.to_json() == {"kind": "text", "symbols": [10, 0xD800, 0xDFFF, 0x1F600]}
+    assert Vocab.from_json(json.loads(json.dumps(vocab.to_json()))) == vocab
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -125,6 +137,8 @@ def test_text_vocab_json_is_a_readable_string():
         ({"kind": "bytes", "symbols": [1, 256]}, "the byte vocabulary is malformed"),
         ({"kind": "bytes", "symbols": [-1, 2]}, "the byte vocabulary is malformed"),
         ({"kind": "bytes", "symbols": [1.0, 2]}, "the byte vocabulary is malformed"),
+        ({"kind": "text", "symbols": [97, 0x110000]}, "the text vocabulary is malformed"),
+        ({"kind": "text", "symbols": [True, 98]}, "the text vocabulary is malformed"),
         (
             {"kind": "text", "symbols": "ba"},
             "the vocabulary must be non-empty, sorted and without repeats",
@@ -215,12 +229,29 @@ def test_to_codepoints():
 # --- reading and decoding files -----------------------------------------------------------------
 
 
+def utf8_error(path, offset: int, byte: int) -> str:
+    """The start of the message for bytes that are not UTF-8."""
+    return f"{path}: not valid UTF-8 at byte {offset:,} (0x{byte:02x})"
+
+
+MIXED = (
+    "; the text before it holds UTF-8 characters, so the file mixes encodings or is damaged "
+    "there: repair it or convert it all to UTF-8"
+)
+NOT_TEXT = (
+    "; it does not look like text in a common encoding (a binary file?): name its encoding "
+    "with --encoding, or use --encoding bytes to model raw bytes"
+)
+CUT_SHORT = ": the text ends inside a character (was it cut short?)"
+
+
 def test_invalid_utf8_reports_the_byte_offset(tmp_path):
     prefix = "héllo wörld 😀\n".encode()
     path = tmp_path / "bad.txt"
     path.write_bytes(prefix + b"\xff" + b"more text")
     assert len(prefix) == 19
-    expected = f"{path}: invalid UTF-8 at byte 19"
+    # Valid UTF-8 characters before the bad byte: not a file in another encoding.
+    expected = utf8_error(path, 19, 0xFF) + MIXED
     assert error_of(lambda: read_all(path, "utf-8")) == expected
     assert error_of(lambda: load(path)) == expected
 
@@ -228,39 +259,38 @@ def test_invalid_utf8_reports_the_byte_offset(tmp_path):
 def test_invalid_utf8_label_for_codec_alias(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"ab\xc3(")
-    assert error_of(lambda: read_all(path, "UTF8")) == f"{path}: invalid UTF-8 at byte 2"
+    assert error_of(lambda: read_all(path, "UTF8")).startswith(utf8_error(path, 2, 0xC3))
 
 
 def test_truncated_character_at_end_of_file(tmp_path):
     path = tmp_path / "cut.txt"
     path.write_bytes(b"abc" + "€".encode()[:2])
-    assert error_of(lambda: read_all(path, "utf-8")) == f"{path}: invalid UTF-8 at byte 3"
+    assert error_of(lambda: read_all(path, "utf-8")) == utf8_error(path, 3, 0xE2) + CUT_SHORT
 
 
 @pytest.mark.parametrize(
     ("content", "error_at"),
     [
-        (b"a" * MIB16 + b"\xff", MIB16),  # first byte of the second block
-        (b"a" * (MIB16 - 1) + b"\xffb", MIB16 - 1),  # last byte of the first block
-        (b"a" * (MIB16 - 1) + "€".encode() + b"z", None),  # a character split by the boundary
-        (b"a" * (MIB16 - 2) + "😀".encode() + b"\x80", MIB16 + 2),  # stray byte after it
+        (b"a" * BLOCK + b"\xff", BLOCK),  # first byte of the second block
+        (b"a" * (BLOCK - 1) + b"\xffb", BLOCK - 1),  # last byte of the first block
+        (b"a" * (BLOCK - 1) + "€".encode() + b"z", None),  # a character split by the boundary
+        (b"a" * (BLOCK - 2) + "😀".encode() + b"\x80", BLOCK + 2),  # stray byte after it
     ],
     ids=["after-boundary", "before-boundary", "split-char", "split-char-then-stray"],
 )
 def test_utf8_at_the_real_block_boundary(tmp_path, content, error_at):
-    """The 16 MiB read blocks neither break characters nor shift error offsets."""
-    assert data_module._BLOCK_BYTES == MIB16
+    """The 1 MiB read blocks neither break characters nor shift error offsets."""
+    assert data_module._BLOCK_BYTES == BLOCK
     path = tmp_path / "big.txt"
     path.write_bytes(content)
     if error_at is not None:
-        assert error_of(lambda: read_all(path, "utf-8")) == (
-            f"{path}: invalid UTF-8 at byte {error_at}"
-        )
+        message = error_of(lambda: read_all(path, "utf-8"))
+        assert message.startswith(utf8_error(path, error_at, content[error_at]) + ";")
     else:
         blocks = list(read_codepoints(path, "utf-8"))
         assert len(blocks) == 2
         codepoints = np.concatenate(blocks)
-        assert len(codepoints) == MIB16 + 1
+        assert len(codepoints) == BLOCK + 1
         assert codepoints[-3:].tolist() == [ord("a"), ord("€"), ord("z")]
         assert (codepoints[:-2] == ord("a")).all()
 
@@ -296,9 +326,84 @@ def test_blockwise_utf8_matches_whole_file_decoding(tmp_path_factory, content, b
             expected = content.decode("utf-8")
         except UnicodeDecodeError as e:
             message = error_of(lambda: read_all(path, "utf-8"))
-            assert message == f"{path}: invalid UTF-8 at byte {e.start}"
+            assert message.startswith(utf8_error(path, e.start, content[e.start]))
         else:
             assert read_all(path, "utf-8").tolist() == [ord(c) for c in expected]
+
+
+# Codecs whose bytes.decode reports the same offsets as the file's (no byte-order mark).
+STATELESS_CODECS = ["shift_jis", "euc-jp", "gb18030", "euc-kr", "cp1251", "cp1252", "utf-16-le"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    codec=st.sampled_from(STATELESS_CODECS),
+    text=st.text(st.characters(codec="utf-8"), max_size=25),
+    junk=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=1, max_size=2)), max_size=2),
+    block=st.integers(1, 9),
+)
+def test_blockwise_decoding_matches_whole_file_decoding_in_any_codec(
+    tmp_path_factory, codec, text, junk, block
+):
+    """Multi-byte codecs read in blocks of any size: the same text, or the same error offset,
+    as decoding the whole file at once."""
+    content = text.encode(codec, errors="ignore")
+    for position, stray in junk:  # bytes dropped in anywhere, valid or not
+        content = content[:position] + stray + content[position:]
+    path = tmp_path_factory.mktemp("codec") / "t.txt"
+    path.write_bytes(content)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module, "_BLOCK_BYTES", block)
+        try:
+            expected = content.decode(codec)
+        except UnicodeDecodeError as e:
+            message = error_of(lambda: read_all(path, codec))
+            assert message.startswith(f"{path}: not valid {codec} at byte {e.start:,} (0x")
+        else:
+            assert read_all(path, codec).tolist() == [ord(c) for c in expected]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "utf-8-sig", "shift_jis", "gb18030"])
+@pytest.mark.parametrize("block", [1, 2, 3, 5])
+def test_byte_order_marks_and_multibyte_codecs_in_small_blocks(tmp_path, monkeypatch, codec, block):
+    monkeypatch.setattr(data_module, "_BLOCK_BYTES", block)
+    text = "ab😀cd 日本語 ÿ\n" * 3 if codec not in ("shift_jis",) else "ab日本語かな\n" * 3
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode(codec))
+    assert read_all(path, codec).tolist() == [ord(c) for c in text]
+    assert whole_text(load(path, encoding=codec, val_fraction=0.25)) == text
+
+
+def test_error_offset_counts_the_byte_order_mark(tmp_path):
+    path = tmp_path / "sig.txt"
+    path.write_bytes(codecs.BOM_UTF8 + b"ab\xff")
+    assert error_of(lambda: read_all(path, "utf-8-sig")).startswith(
+        f"{path}: not valid utf-8-sig at byte 5 (0xff)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("codec", "text"),
+    [
+        ("shift_jis", "a" * (BLOCK - 1) + "あいう\n"),  # a two-byte character split
+        ("cp1251", "ж" * (BLOCK + 10)),  # one byte each: bounded reading of a big file
+        ("utf-16", "a" * (BLOCK // 2 - 2) + "😀z"),  # a surrogate pair split, after a BOM
+        ("gb18030", "a" * (BLOCK - 2) + "😀z"),  # a four-byte character split
+    ],
+    ids=["shift_jis", "cp1251", "utf-16-surrogates", "gb18030-four-bytes"],
+)
+def test_other_codecs_at_the_real_block_boundary(tmp_path, codec, text):
+    """A large file in another codec is read in 1 MiB blocks (bounded memory), and characters
+    split by a block boundary come out whole."""
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.encode(codec))
+    assert path.stat().st_size > BLOCK
+    blocks = list(read_codepoints(path, codec))
+    assert len(blocks) == 2
+    codepoints = np.concatenate(blocks)
+    assert len(codepoints) == len(text)
+    assert codepoints[-4:].tolist() == [ord(c) for c in text[-4:]]
+    assert (codepoints[:100] == ord(text[0])).all()
 
 
 def test_latin1_reads_every_byte(tmp_path):
@@ -311,10 +416,12 @@ def test_latin1_reads_every_byte(tmp_path):
     assert corpus.vocab.kind == "text"
 
 
-def test_other_codecs_report_their_name(tmp_path):
+def test_other_codecs_report_their_name_and_a_likelier_one(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"abc\xe9def")
-    assert error_of(lambda: load(path, encoding="ascii")) == f"{path}: invalid ascii at byte 3"
+    assert error_of(lambda: load(path, encoding="ascii")) == (
+        f"{path}: not valid ascii at byte 3 (0xe9); it looks like cp1252: try --encoding cp1252"
+    )
 
 
 def test_utf16_file(tmp_path):
@@ -322,6 +429,125 @@ def test_utf16_file(tmp_path):
     path = tmp_path / "u16.txt"
     path.write_bytes(text.encode("utf-16"))
     assert whole_text(load(path, encoding="utf-16", val_fraction=0.25)) == text
+
+
+# Texts in several languages, to write in their usual legacy encodings.
+LANGUAGES = {
+    "russian": (
+        "Все счастливые семьи похожи друг на друга, каждая несчастливая семья несчастлива "
+        "по-своему. Всё смешалось в доме Облонских. Жена узнала, что муж был в связи с "
+        "бывшею в их доме француженкою-гувернанткой, и объявила мужу, что не может жить с "
+        "ним в одном доме. Положение это продолжалось уже третий день.\n"
+    ),
+    "french": (
+        "Longtemps, je me suis couché de bonne heure. Parfois, à peine ma bougie éteinte, "
+        "mes yeux se fermaient si vite que je n'avais pas le temps de me dire : je m'endors. "
+        "Et, une demi-heure après, la pensée qu'il était temps de chercher le sommeil "
+        "m'éveillait. L'été dernier, à Noël, où ça ? Très bientôt.\n"
+    ),
+    "german": (
+        "Als Gregor Samsa eines Morgens aus unruhigen Träumen erwachte, fand er sich in "
+        "seinem Bett zu einem ungeheueren Ungeziefer verwandelt. Er lag auf seinem "
+        "panzerartig harten Rücken und sah, wenn er den Kopf ein wenig hob, seinen gewölbten, "
+        "braunen, von bogenförmigen Versteifungen geteilten Bauch. Süß.\n"
+    ),
+    "english": (
+        "It was the best of times, it was the worst of times. \u201cWell,\u201d she said "
+        "\u2014 \u2018I don\u2019t know.\u2019 The caf\u00e9 was closed, so we walked on.\n"
+    ),
+    "japanese": (
+        "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗い"
+        "じめじめした所でニャーニャー泣いていた事だけは記憶している。吾輩はここで始めて"
+        "人間というものを見た。しかもあとで聞くとそれは書生という人間中で一番獰悪な種族"
+        "であったそうだ。\n"
+    ),
+    "chinese": (
+        "我从乡下跑到京城里，一转眼已经六年了。其间耳闻目睹的所谓国家大事，算起来也很不少；"
+        "但在我心里，都不留什么痕迹，倘要我寻出这些事的影响来说，便只是增长了我的坏脾气，"
+        "老实说，便是教我一天比一天的看不起人。这是民国六年的冬天，大北风刮得正猛。\n"
+    ),
+    "korean": (
+        "나는 어릴 때 시골에서 자랐다. 우리 집 앞에는 작은 시냇물이 흘렀고, 여름이면 "
+        "친구들과 함께 물고기를 잡으며 하루를 보냈다. 어머니는 저녁마다 맛있는 밥을 "
+        "지어 주셨고, 아버지는 밭에서 늦게까지 일하셨다. 그 시절이 가장 행복했던 것 같다.\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("language", "codec", "suggested"),
+    [
+        ("russian", "cp1251", "cp1251"),
+        ("russian", "koi8-r", "koi8-r"),
+        ("french", "cp1252", "cp1252"),
+        ("german", "latin-1", "cp1252"),  # the same bytes: cp1252 also reads “smart quotes”
+        ("english", "cp1252", "cp1252"),
+        ("japanese", "shift_jis", "shift_jis"),
+        ("japanese", "euc-jp", "euc-jp"),
+        ("chinese", "gb18030", "gb18030"),
+        ("chinese", "gbk", "gb18030"),  # gb18030 reads GBK (and GB 2312) text
+        ("korean", "euc-kr", "euc-kr"),
+        ("french", "utf-16-le", "utf-16-le"),
+        ("german", "utf-16-be", "utf-16-be"),
+    ],
+)
+def test_a_file_in_another_encoding_names_it(tmp_path, language, codec, suggested):
+    """The error names the byte and the encoding to try, and that encoding reads the file."""
+    text = "Chapter 1\n\n" + LANGUAGES[language] * 2
+    content = text.encode(codec)
+    path = tmp_path / f"{language}.txt"
+    path.write_bytes(content)
+    with pytest.raises(UnicodeDecodeError) as bad:
+        content.decode("utf-8")
+    offset = bad.value.start
+    assert error_of(lambda: load(path)) == (
+        utf8_error(path, offset, content[offset])
+        + f"; it looks like {suggested}: try --encoding {suggested}"
+    )
+    assert whole_text(load(path, encoding=suggested, val_fraction=0.1)) == text
+
+
+@pytest.mark.parametrize(
+    ("bom_codec", "name"), [("utf-16", "UTF-16"), ("utf-32", "UTF-32")], ids=["16", "32"]
+)
+def test_a_byte_order_mark_names_its_encoding(tmp_path, bom_codec, name):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(LANGUAGES["french"].encode(bom_codec))
+    message = error_of(lambda: load(path))
+    assert message.endswith(
+        f"; it starts with a {name} byte-order mark: try --encoding {bom_codec}"
+    )
+    assert whole_text(load(path, encoding=bom_codec, val_fraction=0.1)) == LANGUAGES["french"]
+
+
+def test_too_little_text_to_tell_lists_the_likeliest(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_bytes(b"x = \xe9 y\n")  # é in cp1252, й in cp1251: nothing to tell them apart
+    assert error_of(lambda: load(path)) == utf8_error(path, 4, 0xE9) + (
+        "; it may be cp1252 or cp1251: try --encoding cp1252 or --encoding cp1251"
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x89PNG\r\n\x1a\n" + bytes(range(256)), np.random.default_rng(0).bytes(5000)],
+    ids=["png", "random"],
+)
+def test_binary_data_is_not_taken_for_text(tmp_path, content):
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    message = error_of(lambda: load(path))
+    assert message.startswith(f"{path}: not valid UTF-8 at byte ")
+    assert message.endswith(NOT_TEXT)
+
+
+def test_a_named_encoding_that_fails_suggests_another(tmp_path):
+    text = LANGUAGES["russian"] * 2
+    path = tmp_path / "ru.txt"
+    path.write_bytes(text.encode("cp1251"))
+    message = error_of(lambda: load(path, encoding="shift_jis"))
+    assert message.startswith(f"{path}: not valid shift_jis at byte ")
+    assert message.endswith("; it looks like cp1251: try --encoding cp1251")
 
 
 @pytest.mark.parametrize("encoding", ["no-such-codec", "utf-9", "base64", "zlib"])
@@ -494,7 +720,7 @@ def test_nonexistent_path_is_an_error(tmp_path):
     missing = tmp_path / "missing.txt"
     assert error_of(lambda: load(missing)) == (
         f"{missing}: no such file or directory (built-in corpora: "
-        "shakespeare, tinyshakespeare, enwik8, text8)"
+        "shakespeare, tinyshakespeare, enwik8, text8; - reads standard input)"
     )
 
 
@@ -557,9 +783,9 @@ def test_large_corpus_is_cached_and_memory_mapped(tmp_path, monkeypatch):
     before = set(cache.glob("*")) if cache.exists() else set()
     mapped = load(path, val_fraction=0.1)
     created = set(cache.glob("*")) - before
-    assert len(created) == 1
-    (cache_file,) = created
-    assert cache_file.suffix == ".npy"
+    assert len(created) == 2
+    (cache_file,) = [p for p in created if p.suffix == ".npy"]
+    (scan_file,) = [p for p in created if p.name.endswith(".scan.json")]
     assert isinstance(mapped.train, np.memmap) and isinstance(mapped.val, np.memmap)
     assert np.array_equal(mapped.train, in_memory.train)
     assert np.array_equal(mapped.val, in_memory.val)
@@ -567,21 +793,30 @@ def test_large_corpus_is_cached_and_memory_mapped(tmp_path, monkeypatch):
     assert mapped.fingerprint == in_memory.fingerprint
     assert np.array_equal(np.load(cache_file), np.concatenate([in_memory.train, in_memory.val]))
 
-    # A second load reads the cache file instead of encoding again: prove it by altering it.
+    # A second load reads the cache files instead of scanning and encoding again: prove it by
+    # altering them.
     stamp = cache_file.stat().st_mtime_ns
     again = load(path, val_fraction=0.1)
-    assert set(cache.glob("*")) - before == {cache_file}
+    assert set(cache.glob("*")) - before == {cache_file, scan_file}
     assert cache_file.stat().st_mtime_ns == stamp
     assert np.array_equal(again.train, in_memory.train)
     np.save(cache_file, np.zeros(len(text), dtype=in_memory.train.dtype))
     assert not load(path, val_fraction=0.1).train.any()
+    scan = json.loads(scan_file.read_text(encoding="utf-8"))
+    assert scan["fingerprint"] == in_memory.fingerprint
+    assert scan["lengths"] == [len(text)]
+    scan["fingerprint"] = "f" * 64
+    scan_file.write_text(json.dumps(scan), encoding="utf-8")
+    assert load(path, val_fraction=0.1).fingerprint == "f" * 64
+    scan_file.write_text("{damaged", encoding="utf-8")  # a damaged scan is simply redone
+    assert load(path, val_fraction=0.1).fingerprint == in_memory.fingerprint
 
     # Changing the file (same vocabulary, new size) changes the cache key: a fresh encoding.
     path.write_text(text + "line 0\n", encoding="utf-8")
     changed = load(path, val_fraction=0.1)
     assert changed.vocab == in_memory.vocab
     assert whole_text(changed) == text + "line 0\n"
-    assert len(set(cache.glob("*")) - before) == 2
+    assert len(set(cache.glob("*")) - before) == 4
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -609,3 +844,154 @@ def test_shakespeare_200k(shakespeare_200k):
     assert corpus.vocab.size == len(set(text))
     assert corpus.vocab.decode(corpus.val) == text[180_000:]
     assert whole_text(corpus) == text
+
+
+# --- progress on large corpora ------------------------------------------------------------------
+
+
+def test_small_corpora_load_silently(tmp_path, capsys):
+    path = tmp_path / "small.txt"
+    path.write_text("hello world\n" * 1000, encoding="utf-8")
+    load(path)
+    assert capsys.readouterr().err == ""
+
+
+def test_large_corpora_show_their_progress_in_bytes(tmp_path, monkeypatch, capsys):
+    """Past the threshold (64 MB; lowered here), scanning and encoding report bytes done."""
+    monkeypatch.setattr(data_module, "_PROGRESS_BYTES", 10_000)
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 10_000)
+    path = tmp_path / "large.txt"
+    path.write_text("hello world\n" * 2000, encoding="utf-8")
+    load(path)
+    err = capsys.readouterr().err
+    assert "scanning the corpus: 100%" in err
+    assert "encoding the corpus: 100%" in err
+    assert "23.4k/23.4k" in err  # 24,000 bytes, in KiB
+    load(path)  # the second time both come from the cache: nothing to show
+    assert capsys.readouterr().err == ""
+
+
+# --- standard input ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stdin_text(tmp_path, monkeypatch):
+    """Standard input replaced by a real file holding a text (returned); the file that
+    standard input is copied into is isolated per test."""
+    monkeypatch.setattr(data_module, "_stdin_read", [])
+    text = "".join(f"line {i}: ünïcödé 😀\n" for i in range(200))
+    source = tmp_path / "piped.txt"
+    source.write_text(text, encoding="utf-8")
+    with open(source, encoding="utf-8") as stream:
+        monkeypatch.setattr(sys, "stdin", stream)
+        yield text
+
+
+def test_dash_reads_standard_input_and_keeps_a_copy(stdin_text, capsys):
+    corpus = load_corpus(DataConfig(data=["-"]))
+    assert whole_text(corpus) == stdin_text
+    assert corpus.name == "stdin"
+    copy = data_module.stdin_copy(corpus.fingerprint)
+    assert corpus.stdin_copy == copy
+    assert copy.read_text(encoding="utf-8") == stdin_text
+    assert capsys.readouterr().err == (
+        f"standard input ({len(stdin_text.encode()):,} bytes) is kept in {copy}: eval and "
+        "--resume read it from there\n"
+    )
+    assert not list(copy.parent.glob(".incoming-*"))
+    # Standard input is read once: a second "-" in this process is the same text.
+    again = load_corpus(DataConfig(data=["-"]))
+    assert whole_text(again) == stdin_text
+    assert again.fingerprint == corpus.fingerprint
+    # Later, the copy stands for "-": the same corpus, without standard input.
+    later = load_corpus(DataConfig(data=["-"]), vocab=corpus.vocab, stdin=copy)
+    assert later.fingerprint == corpus.fingerprint
+    assert np.array_equal(later.val, corpus.val)
+
+
+def test_standard_input_mixes_with_files_and_validation_files(stdin_text, tmp_path):
+    (tmp_path / "val.txt").write_text("line 0: ünïcödé 😀\n", encoding="utf-8")
+    (tmp_path / "more.txt").write_text("more\n", encoding="utf-8")
+    config = DataConfig(
+        data=["-", str(tmp_path / "more.txt")], val_data=[str(tmp_path / "val.txt")]
+    )
+    corpus = load_corpus(config)
+    assert corpus.vocab.decode(corpus.train) == stdin_text + "\nmore\n"  # a blank line between
+    assert corpus.vocab.decode(corpus.val) == "line 0: ünïcödé 😀\n"
+    assert corpus.stdin_copy.read_text(encoding="utf-8") == stdin_text
+
+
+def test_standard_input_large_enough_to_map_is_cached_under_its_lasting_name(
+    stdin_text, monkeypatch
+):
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 100)
+    corpus = load_corpus(DataConfig(data=["-"]))
+    assert isinstance(corpus.train, np.memmap)
+    assert whole_text(corpus) == stdin_text
+    copy = data_module.stdin_copy(corpus.fingerprint)
+    group = data_module.resolve_sources(["-"], "utf-8", stdin=copy)
+    assert data_module._scan_path([group]).exists()  # a resumed run reads neither file again
+    assert data_module._cache_path(group, corpus.vocab).exists()
+
+
+def test_standard_input_in_another_encoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_stdin_read", [])
+    text = LANGUAGES["russian"] * 3
+    (tmp_path / "ru.txt").write_bytes(text.encode("cp1251"))
+    with open(tmp_path / "ru.txt", "rb") as stream:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stream))
+        corpus = load_corpus(DataConfig(data=["-"], encoding="cp1251"))
+    assert whole_text(corpus) == text
+
+
+def test_standard_input_that_does_not_decode_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_stdin_read", [])
+    (tmp_path / "ru.txt").write_bytes(LANGUAGES["russian"].encode("cp1251"))
+    kept = data_dir() / "stdin"
+    before = set(kept.iterdir()) if kept.exists() else set()
+    with open(tmp_path / "ru.txt", "rb") as stream:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stream))
+        message = error_of(lambda: load_corpus(DataConfig(data=["-"])))
+    assert message.startswith("standard input: not valid UTF-8 at byte 0 (0xc2); ")
+    assert message.endswith("it looks like cp1251: try --encoding cp1251")
+    assert set(kept.iterdir()) == before
+
+
+def test_empty_standard_input_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_stdin_read", [])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with open(tmp_path / "empty.txt", encoding="utf-8") as stream:
+        monkeypatch.setattr(sys, "stdin", stream)
+        assert error_of(lambda: load_corpus(DataConfig(data=["-"]))) == (
+            "the training text is empty (standard input); give it some text to learn"
+        )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"data": ["-", "-"]}, {"data": ["-"], "val_data": ["-"]}],
+    ids=["twice", "train-and-val"],
+)
+def test_standard_input_can_be_read_only_once(stdin_text, settings):
+    assert error_of(lambda: load_corpus(DataConfig(**settings))) == (
+        "standard input (-) can be read only once: give - once"
+    )
+
+
+def test_a_resumed_run_reads_the_kept_copy_when_nothing_is_piped(stdin_text, monkeypatch):
+    corpus = load_corpus(DataConfig(data=["-"]))
+    config = DataConfig(data=["-"])
+    # Text piped in (here, a file as standard input) is read: it must be the same text.
+    assert data_module.resume_stdin(config, corpus.fingerprint) is None
+    with open(os.devnull, encoding="utf-8") as nothing:  # as under nohup or cron
+        monkeypatch.setattr(sys, "stdin", nothing)
+        assert data_module.resume_stdin(config, corpus.fingerprint) == corpus.stdin_copy
+    monkeypatch.setattr(sys, "stdin", None)  # closed
+    assert data_module.resume_stdin(config, corpus.fingerprint) == corpus.stdin_copy
+    assert data_module.resume_stdin(DataConfig(data=["a.txt"]), corpus.fingerprint) is None
+    corpus.stdin_copy.unlink()
+    message = error_of(lambda: data_module.resume_stdin(config, corpus.fingerprint))
+    assert message == (
+        f"this run was trained on standard input and its copy {corpus.stdin_copy} is gone: "
+        "pipe the same text in again (... | charlstm train --resume RUN)"
+    )

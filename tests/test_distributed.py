@@ -163,7 +163,7 @@ def assert_same_trajectory(run: Path, reference: Path, steps: range) -> None:
 
 def without_timing(run_dir: Path) -> list[dict]:
     return [
-        {k: v for k, v in r.items() if k not in ("elapsed", "chars_per_s")}
+        {k: v for k, v in r.items() if k not in ("elapsed", "chars_per_s", "seconds")}
         for r in read_metrics(run_dir)
     ]
 

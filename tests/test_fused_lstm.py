@@ -140,6 +140,19 @@ def test_ids_with_an_embedding_match_torch_lstm_on_the_embedded_input(batch, lay
 
 
 @pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("bad", [-1, 30, 2**32 + 5])
+def test_ids_outside_the_table_are_refused_like_torchs_embedding(bad):
+    lstm = make_lstm(32, 64, 1)
+    embedding = torch.randn(30, 32)
+    ids = torch.randint(0, 30, (16, 5))
+    ids[3, 2] = bad  # 2**32 + 5 must not wrap around to 5 as the kernel's int32
+    with pytest.raises(IndexError):
+        F.embedding(ids, embedding)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(IndexError, match="30"):
+        fused_lstm.lstm_forward(lstm, ids.t(), None, embedding=embedding)
+
+
+@pytest.mark.usefixtures("backend")
 def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
     lstm = make_lstm(32, 64, 1)
     x = torch.randn(64, 50, 32)

@@ -190,17 +190,18 @@ def test_png_of_the_best_units(tmp_path):
 def test_a_trained_model_has_a_unit_that_tracks_the_position_in_the_line(
     shakespeare_200k, tmp_path
 ):
-    # Measured with this configuration (seed 1337): the best unit's |r| with "line position"
-    # on 10,000 held-out characters is 0.84 after 200 steps (0.78-0.83 over three seeds after
-    # 300), while the same network untrained reaches 0.29-0.32. "After newline" is no test of
-    # learning: an untrained network already has units at |r| 0.37-0.50 (a newline's
-    # embedding drives them), and training leaves it near 0.55.
+    # Measured with this configuration: the best unit's |r| with "line position" on 10,000
+    # held-out characters is 0.61 after 200 steps with seed 1337 (0.58-0.65 over seeds 1-4),
+    # while the same network untrained reaches 0.33 (0.26-0.43 over seeds 1-4). 0.55 is above
+    # every untrained network and below every trained one. "After newline" is no test of
+    # learning: an untrained network already has units at |r| 0.38-0.54 over three seeds (a
+    # newline's embedding drives them), and training leaves it at 0.43-0.52.
     config = tiny_config(shakespeare_200k, tmp_path / "run", max_steps=200, eval_every=200)
     model = charlstm.train(config, progress=False).model
     held_out = shakespeare_200k.read_text(encoding="utf-8")[180_000:]
     found = charlstm.inspect(model, held_out, max_chars=10_000)
     (unit, r), *_ = found.top("line position", 1)
-    assert abs(r) > 0.6, f"best line-position unit {unit} has r = {r:+.3f}"
+    assert abs(r) > 0.55, f"best line-position unit {unit} has r = {r:+.3f}"
 
     torch.manual_seed(config.train.seed)  # the very network training started from
     before = CharLM(CharRNN(config.model, model.vocab.size).eval(), model.vocab, model.config)

@@ -1,13 +1,17 @@
 """CharLM: generating text, streaming, batches, prompts, evaluation, and byte-level models."""
 
+# ruff: noqa: RUF001 - a text in Cyrillic on purpose
+
 from __future__ import annotations
 
 import math
 import string
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 import charlstm
 from charlstm.config import DynamicEvalConfig, RunConfig
@@ -290,6 +294,51 @@ def test_evaluate_files_latin1(tmp_path):
     path = tmp_path / "latin.txt"
     path.write_bytes("Speak, speak.".encode("latin-1"))
     assert model.evaluate_files([str(path)], encoding="latin-1") == model.evaluate("Speak, speak.")
+
+
+def test_evaluate_files_reads_standard_input(tmp_path, monkeypatch):
+    model = text_model()
+    path = tmp_path / "sample.txt"
+    path.write_text(SAMPLE, encoding="utf-8")
+    with open(path, encoding="utf-8") as stream:
+        monkeypatch.setattr(sys, "stdin", stream)
+        assert model.evaluate_files(["-"]) == model.evaluate(SAMPLE)
+    with open(path, encoding="utf-8") as stream:  # with files, in the order given
+        monkeypatch.setattr(sys, "stdin", stream)
+        assert model.evaluate_files([str(path), "-"]) == model.evaluate(SAMPLE + "\n" + SAMPLE)
+
+
+RUSSIAN = "Все счастливые семьи похожи друг на друга, каждая несчастливая семья несчастлива.\n"
+
+
+@pytest.fixture(scope="module")
+def cp1251_run(tmp_path_factory):
+    """A run trained with --encoding cp1251 on a cp1251 file (returned with the run)."""
+    tmp = tmp_path_factory.mktemp("cp1251")
+    text = "".join(f"{i} {RUSSIAN}" for i in range(300))
+    corpus = tmp / "ru.txt"
+    corpus.write_bytes(text.encode("cp1251"))
+    settings = {"max_steps": 4, "eval_every": 4, "hidden_dim": 32, "encoding": "cp1251"}
+    charlstm.train(tiny_config(corpus, tmp / "run", **settings), progress=False)
+    return tmp / "run", corpus, text
+
+
+def test_a_run_evaluates_in_the_encoding_it_was_trained_with(cp1251_run, tmp_path):
+    run, corpus, text = cp1251_run
+    model = charlstm.load(run, device="cpu")
+    assert model.config.data.encoding == "cp1251"
+    # Its validation split, read again from the cp1251 file.
+    assert model.evaluate_validation().loss == pytest.approx(model.info["val"]["loss"], abs=1e-6)
+    # Other files: cp1251 unless told otherwise.
+    new = tmp_path / "new.txt"
+    new.write_bytes(RUSSIAN.encode("cp1251"))
+    assert model.evaluate_files([str(new)]) == model.evaluate(RUSSIAN)
+    assert model.evaluate_files([str(corpus)]) == model.evaluate(text)
+    utf8 = tmp_path / "utf8.txt"
+    utf8.write_text(RUSSIAN, encoding="utf-8")
+    assert model.evaluate_files([str(utf8)], encoding="utf-8") == model.evaluate(RUSSIAN)
+    with pytest.raises(CharLSTMError, match=r"not valid UTF-8 at byte 0 \(0xc2\)"):
+        model.evaluate_files([str(new)], encoding="utf-8")
 
 
 # ---- byte-level models ------------------------------------------------------------------

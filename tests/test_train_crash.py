@@ -27,7 +27,7 @@ TRAIN = [
     "--hidden-dim", "32", "--n-layers", "2", "--dropout", "0.1", "--batch-size", "8",
     "--seq-len", "32", "--device", "cpu", "--precision", "fp32", "--sample-length", "0",
 ]  # fmt: skip
-TIMING_FIELDS = ("elapsed", "chars_per_s")
+TIMING_FIELDS = ("elapsed", "chars_per_s", "seconds")
 
 # Runs the CLI in a process that SIGKILLs itself at a chosen point of its n-th `last/` write:
 # "mid-write" after the new weights are on disk in the temporary directory, "between-renames"

@@ -4,7 +4,8 @@ Python API::
 
     import charlstm
     result = charlstm.train(charlstm.RunConfig())          # train on the built-in corpus
-    preset = charlstm.preset_for(300, charlstm.measure_speed(charlstm.RunConfig()))  # 5 min
+    speed = charlstm.measure_speed(charlstm.RunConfig())  # this machine's chars/s
+    preset = charlstm.choose_preset(300, speed, train_chars=1_000_000)  # 5 min, 1 MB of text
     model = charlstm.load("runs/shakespeare-.../best")     # or a run directory
     print(model.generate("ROMEO:", length=200, temperature=0.8))
     print(charlstm.evaluate(model, "To be, or not to be").bpc)
@@ -41,6 +42,7 @@ _EXPORTS = {
         "RunConfig",
         "SampleConfig",
         "TrainConfig",
+        "choose_preset",
         "preset_for",
     ),
     "charlstm.errors": ("CharLSTMError",),
@@ -49,11 +51,13 @@ _EXPORTS = {
     "charlstm.lm": ("CharLM",),
     "charlstm.model": ("CharRNN",),
     "charlstm.plot": ("plot_runs",),
+    "charlstm.budget": ("BudgetTooSmall",),
     "charlstm.train": ("TrainResult", "measure_speed", "train"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
+    from charlstm.budget import BudgetTooSmall
     from charlstm.compare import CellResult, Comparison, compare
     from charlstm.config import (
         DataConfig,
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
         RunConfig,
         SampleConfig,
         TrainConfig,
+        choose_preset,
         preset_for,
     )
     from charlstm.errors import CharLSTMError
@@ -115,6 +120,7 @@ def evaluate(
 
 
 __all__ = [
+    "BudgetTooSmall",
     "CellResult",
     "CharLM",
     "CharLSTMError",
@@ -130,6 +136,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "choose_preset",
     "compare",
     "evaluate",
     "inspect",

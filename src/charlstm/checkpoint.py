@@ -84,7 +84,7 @@ def write_checkpoint(
             _write_file(tmp / RESUME_TENSORS_FILE, _tensor_bytes(resume_tensors))
             _write_file(tmp / RESUME_JSON_FILE, json.dumps(resume_json, indent=1).encode())
         # config.json last: its presence in the final place marks a complete checkpoint.
-        _write_file(tmp / CONFIG_FILE, json.dumps(document, indent=2, ensure_ascii=False).encode())
+        _write_file(tmp / CONFIG_FILE, _json_bytes(document))
         _fsync_dir(tmp)
         aside = parent / _ASIDE.format(directory.name)
         recover_checkpoint(directory)
@@ -100,6 +100,13 @@ def write_checkpoint(
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes:
+    """UTF-8 JSON, readable; a lone surrogate (a vocabulary from a codec such as
+    unicode_escape can hold one) is written as its JSON escape, which reads back the same."""
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    return text.encode("utf-8", errors="backslashreplace")
 
 
 def _tmp_prefix(directory: Path) -> str:

@@ -24,19 +24,19 @@ from charlstm.config import (
     COMPARE_CELLS,
     DEFAULT_TIME_BUDGET,
     INSPECT_MAX_CHARS,
-    PRESET_MACHINE_SPEED,
     UNKNOWN_POLICIES,
     DynamicEvalConfig,
     RunConfig,
     SampleConfig,
+    choose_preset,
     load_config_file,
     picks_preset,
-    preset_for,
 )
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.plot import CURVES_FILE, plot_runs  # numpy, and matplotlib only to draw
 
 if TYPE_CHECKING:
+    from charlstm.data import Corpus
     from charlstm.evaluate import EvalResult
     from charlstm.lm import CharLM
 
@@ -179,18 +179,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_for_this_machine(base: RunConfig, overrides: dict[str, Any], speed: float) -> RunConfig:
-    """``base`` with the settings of the preset that suits its budget at ``speed``, this
-    machine's characters per second on ``base``'s model (the flags given still win)."""
+def _preset_for_this_machine(
+    base: RunConfig, overrides: dict[str, Any], speed: float, corpus: Corpus
+) -> RunConfig:
+    """``base`` with the settings that suit its budget at ``speed`` (this machine's characters
+    per second on ``base``'s model) on ``corpus``; the flags given still win."""
     budget = base.train.budget_seconds()
     assert budget is not None  # picks_preset: no step or epoch limit, so a budget
-    preset = preset_for(budget, speed)
-    _say(
-        f"preset {preset}: this machine trains the 5m settings at {speed:,.0f} chars/s, "
-        f"{speed / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned on "
-        "(--preset chooses one yourself)"
-    )
-    settings = {"preset": preset, "time_budget": base.train.time_budget or DEFAULT_TIME_BUDGET}
+    choice = choose_preset(budget, speed, len(corpus.train))
+    _say(f"preset {choice.name}: {choice.reason} (--preset chooses one yourself)")
+    settings = {"time_budget": base.train.time_budget or DEFAULT_TIME_BUDGET, **choice.settings}
     return RunConfig().with_overrides({**settings, **overrides})
 
 

@@ -18,27 +18,38 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from charlstm.budget import BudgetTooSmall
 from charlstm.config import CELLS, COMPARE_BUDGET, COMPARE_CELLS, RunConfig
 from charlstm.errors import CharLSTMError
 from charlstm.plot import plot_runs
-from charlstm.train import train
+from charlstm.train import TrainResult, train
 
 TABLE_FILE, JSON_FILE, PLOT_FILE = "compare.md", "compare.json", "compare.png"
 
 
 @dataclass(frozen=True)
 class CellResult:
-    """What one cell reached within the budget."""
+    """What one cell reached within the budget.
+
+    A cell that could not train (its budget was refused) or trained too few steps to mean
+    anything has no loss: ``note`` says why, and the table shows that instead of a number.
+    """
 
     cell: str
     run_dir: str
     parameters: int
     steps: int
     characters: int  # training characters read: steps x batch size x sequence length
-    loss: float  # best validation loss, nats per character
-    bpc: float
-    perplexity: float
+    loss: float | None  # best validation loss, nats per character
+    bpc: float | None
+    perplexity: float | None
     seconds: float  # wall time of the run, evaluation and checkpoints included
+    note: str = ""
+
+    @property
+    def is_result(self) -> bool:
+        """Whether the cell trained enough for its loss to be compared."""
+        return self.loss is not None
 
 
 @dataclass
@@ -57,9 +68,13 @@ class Comparison:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in self.rows:
+            if r.loss is None or r.bpc is None or r.perplexity is None:
+                reached = f"no result: {r.note} | | "
+            else:
+                reached = f"{r.loss:.4f} | {r.bpc:.3f} | {r.perplexity:.2f} "
             lines.append(
-                f"| {r.cell} | {r.parameters:,} | {r.steps:,} | {r.characters:,} | "
-                f"{r.loss:.4f} | {r.bpc:.3f} | {r.perplexity:.2f} | {_duration(r.seconds)} |"
+                f"| {r.cell} | {r.parameters:,} | {r.steps:,} | {r.characters:,} | {reached}| "
+                f"{_duration(r.seconds)} |"
             )
         return "\n".join(lines)
 
@@ -96,37 +111,57 @@ def compare(
     comparison = Comparison(out)
     for number, cell in enumerate(cells, 1):
         print(f"compare: cell {number} of {len(cells)}: {cell} -> {out / cell}", file=sys.stderr)
-        result = train(configs[cell], progress=progress)
+        try:
+            result = train(configs[cell], progress=progress)
+        except BudgetTooSmall as e:  # the other cells may still fit: mark this one, go on
+            print(f"compare: {cell} could not train: {e}", file=sys.stderr)
+            comparison.rows.append(_refused(cell, out / cell, "its budget was too small"))
+            continue
         if result.model is None or result.best_val is None:
             continue  # a torchrun rank other than 0: it trains every cell, rank 0 reports
-        tc = configs[cell].train
-        comparison.rows.append(
-            CellResult(
-                cell=cell,
-                run_dir=str(result.run_dir),
-                parameters=result.model.net.num_parameters(),
-                steps=result.steps,
-                characters=result.steps * tc.batch_size * tc.seq_len,
-                loss=result.best_val.loss,
-                bpc=result.best_val.bpc,
-                perplexity=result.best_val.perplexity,
-                seconds=result.elapsed,
-            )
-        )
+        comparison.rows.append(_cell_result(cell, configs[cell], result))
     if len(comparison.rows) < len(cells):
         return comparison  # nothing to report on this rank
+    trained = [row for row in comparison.rows if row.is_result]
+    if not trained:
+        raise CharLSTMError(
+            "no cell trained long enough to compare (see the messages above): give a longer "
+            "--time-budget or a smaller model"
+        )
     budget = configs[cells[0]].train.budget_seconds()
     each = f", {_duration(budget)} each" if budget else ""
     comparison.plot = plot_runs(
-        [row.run_dir for row in comparison.rows],
+        [row.run_dir for row in trained],
         out / PLOT_FILE,
-        labels=list(cells),
+        labels=[row.cell for row in trained],
         title=f"{' vs '.join(cells)} on {', '.join(config.data.data)}{each}",
     )
     _write(out / TABLE_FILE, comparison.table() + "\n")
     rows = [asdict(row) for row in comparison.rows]
     _write(out / JSON_FILE, json.dumps({"config": config.to_dict(), "rows": rows}, indent=2))
     return comparison
+
+
+def _cell_result(cell: str, config: RunConfig, result: TrainResult) -> CellResult:
+    """The table row of a trained cell; a run too short to mean anything shows no loss."""
+    assert result.model is not None and result.best_val is not None
+    val = None if result.warnings else result.best_val
+    return CellResult(
+        cell=cell,
+        run_dir=str(result.run_dir),
+        parameters=result.model.net.num_parameters(),
+        steps=result.steps,
+        characters=result.steps * config.train.batch_size * config.train.seq_len,
+        loss=val.loss if val else None,
+        bpc=val.bpc if val else None,
+        perplexity=val.perplexity if val else None,
+        seconds=result.elapsed,
+        note=f"only {result.steps} steps" if result.warnings else "",
+    )
+
+
+def _refused(cell: str, run_dir: Path, why: str) -> CellResult:
+    return CellResult(cell, str(run_dir), 0, 0, 0, None, None, None, 0.0, note=why)
 
 
 def _check_cells(cells: Sequence[str]) -> tuple[str, ...]:

@@ -458,6 +458,57 @@ def preset_for(budget_seconds: float, chars_per_second: float) -> str:
     return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
 
 
+# Passes over the training text that a budget reads, below which nothing repeats often
+# enough to be memorised (dropout only slows learning), and above which a preset's network
+# memorises the text unless it is regularised harder (docs: the corpus suite's experiments).
+FEW_EPOCHS = 1.0
+MANY_EPOCHS = 30.0
+# The least dropout a run gets that reads its text more than MANY_EPOCHS times, and how many
+# times such a run evaluates (and may save a better best/).
+MANY_EPOCHS_DROPOUT = 0.5
+MANY_EPOCHS_EVALUATIONS = 10
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The preset picked for a run, the settings it brings, and why, in one line."""
+
+    name: str
+    settings: dict[str, Any]
+    reason: str
+
+
+def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
+    """The preset for a budget on this machine (:func:`preset_for`), with its regularisation
+    fitted to how many times the budget reads a corpus of ``train_chars`` characters."""
+    name = preset_for(budget_seconds, chars_per_second)
+    epochs = budget_seconds * chars_per_second / max(train_chars, 1)
+    settings: dict[str, Any] = {"preset": name}
+    dropout = PRESETS[name].get("dropout", ModelConfig.dropout)
+    if epochs < FEW_EPOCHS and dropout > 0:
+        settings["dropout"] = 0.0
+        fitted = "no dropout: the budget reads the text less than once"
+    elif epochs > MANY_EPOCHS:
+        settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
+        # Memorising starts part-way: evaluate often enough for best/ to keep the best weights.
+        train = RunConfig().with_overrides(settings).train
+        steps = budget_seconds * chars_per_second / (train.batch_size * train.seq_len)
+        settings["eval_every"] = max(1, round(steps / MANY_EPOCHS_EVALUATIONS))
+        fitted = (
+            f"dropout {settings['dropout']:g} and an evaluation every {settings['eval_every']} "
+            "steps: a small text read many times is memorised"
+        )
+    else:
+        fitted = "its own regularisation"
+    reason = (
+        f"this machine trains the 5m settings at {chars_per_second:,.0f} chars/s "
+        f"({chars_per_second / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned "
+        f"on), so the budget reads the {train_chars:,} training characters about "
+        f"{epochs:.3g} times; {fitted}"
+    )
+    return PresetChoice(name, settings, reason)
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as ``90``, ``90s``, ``5m`` or ``1.5h``."""
     match = _DURATION.match(str(text))

@@ -1,20 +1,32 @@
 """Text in, integer ids out: reading and decoding corpora, the vocabulary, and the split.
 
-Files are read in blocks and decoded to arrays of Unicode code points (or byte values with
-``encoding="bytes"``), so nothing here loops over characters in Python and memory stays bounded
-for large corpora, whose encoded form is cached on disk and memory-mapped.
+Files are read in blocks and decoded incrementally to arrays of Unicode code points (or byte
+values with ``encoding="bytes"``), so nothing here loops over characters in Python and memory
+stays bounded for corpora of any size. A large corpus's scan (fingerprint, symbol counts,
+lengths) and its encoded form are cached on disk, the latter memory-mapped, so the second run
+on the same files starts at once. ``-`` reads standard input, which is copied into the cache
+first: it can be read only once, and a run must be able to read its text again.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
+import platform
+import re
+import stat
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -23,14 +35,30 @@ from charlstm.corpora import data_dir, fetch_builtin, is_builtin
 from charlstm.errors import CharLSTMError
 
 BYTES = "bytes"
-_BLOCK_BYTES = 1 << 24
+STDIN = "-"  # the --data entry that means standard input
+STDIN_PATH = Path(STDIN)  # standard input among resolved files, until it is read
+_STDIN_LABEL = "standard input"
+# Files are read and decoded this many bytes at a time: a block's code points, ids and counts
+# take tens of MB at most, and the Python work per block is nothing beside numpy's.
+_BLOCK_BYTES = 1 << 20
+_TRIM_EVERY = 16  # blocks read between handing freed memory back to the system
 _MAX_CODEPOINT = 0x10FFFF
-# Corpora larger than this are encoded once into a cache file and memory-mapped afterwards.
+# Corpora larger than this are encoded once into a cache file and memory-mapped afterwards,
+# and their scan is cached too.
 _MMAP_THRESHOLD_BYTES = 64 << 20
+# Reading more bytes than this shows a progress bar on stderr.
+_PROGRESS_BYTES = 64 << 20
 # Part of every encoded-cache name: bump it when the encoding of a corpus changes meaning.
 _CACHE_FORMAT = "charlstm-encoded-v1"
+_SCAN_FORMAT = "charlstm-scan-v1"
 _NEWLINE = 10
 _NO_SUCH_CODEC = "charlstm-no-such-codec"
+
+# Fresh copies of standard input that this process made: errors in them name standard input.
+_stdin_copies: set[Path] = set()
+# Standard input can be read once: the stream this process read and where it put the text,
+# for a second "-" (charlstm compare trains three models on it).
+_stdin_read: list[tuple[BinaryIO, Path]] = []
 
 
 @dataclass(frozen=True)
@@ -94,9 +122,10 @@ class Vocab:
         return values.tobytes().decode("utf-32-le", errors="surrogatepass")
 
     def to_json(self) -> dict:
-        """JSON form stored in checkpoints: text symbols as one readable string."""
-        if self.kind == BYTES:
-            return {"kind": BYTES, "symbols": list(self.codepoints)}
+        """JSON form stored in checkpoints: text symbols as one readable string, or as code
+        points if some are surrogates (JSON would join a high and a low one into one)."""
+        if self.kind == BYTES or any(0xD800 <= c <= 0xDFFF for c in self.codepoints):
+            return {"kind": self.kind, "symbols": list(self.codepoints)}
         return {"kind": "text", "symbols": "".join(chr(c) for c in self.codepoints)}
 
     @classmethod
@@ -105,19 +134,21 @@ class Vocab:
         if not isinstance(value, dict) or value.get("kind") not in ("text", BYTES):
             raise CharLSTMError("the vocabulary entry is malformed")
         symbols = value.get("symbols")
-        if value["kind"] == BYTES:
-            if not isinstance(symbols, list) or not all(
-                isinstance(b, int) and 0 <= b < 256 for b in symbols
-            ):
-                raise CharLSTMError("the byte vocabulary is malformed")
+        kind = value["kind"]
+        top = 255 if kind == BYTES else _MAX_CODEPOINT
+        if isinstance(symbols, str) and kind != BYTES:
+            codepoints = tuple(ord(c) for c in symbols)
+        elif isinstance(symbols, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= top for c in symbols
+        ):
             codepoints = tuple(symbols)
         else:
-            if not isinstance(symbols, str):
-                raise CharLSTMError("the text vocabulary is malformed")
-            codepoints = tuple(ord(c) for c in symbols)
+            raise CharLSTMError(
+                f"the {'byte' if kind == BYTES else 'text'} vocabulary is malformed"
+            )
         if list(codepoints) != sorted(set(codepoints)) or not codepoints:
             raise CharLSTMError("the vocabulary must be non-empty, sorted and without repeats")
-        return cls(value["kind"], codepoints)
+        return cls(kind, codepoints)
 
     @classmethod
     def from_counts(cls, kind: str, counts: np.ndarray) -> Vocab:
@@ -127,7 +158,8 @@ class Vocab:
     def _lookup(self) -> np.ndarray:
         cached = self.__dict__.get("_table")
         if cached is None:
-            cached = np.full(256 if self.kind == BYTES else _MAX_CODEPOINT + 1, -1, np.int64)
+            # int32: a block's ids then take half the memory of int64 ones.
+            cached = np.full(256 if self.kind == BYTES else _MAX_CODEPOINT + 1, -1, np.int32)
             cached[list(self.codepoints)] = np.arange(self.size)
             object.__setattr__(self, "_table", cached)  # frozen dataclass: cache by hand
         return cached
@@ -159,11 +191,12 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     fingerprint: str  # sha256 of the decoded text and its encoding: identifies it on resume
+    stdin_copy: Path | None = None  # where text read from standard input is kept, if any
 
 
 @dataclass(frozen=True)
 class Sources:
-    """Resolved input files and how to read them."""
+    """Resolved input files and how to read them (:data:`STDIN_PATH` for standard input)."""
 
     name: str
     paths: tuple[Path, ...]
@@ -171,16 +204,29 @@ class Sources:
     split: tuple[int, int] | None = None
 
 
-def resolve_sources(entries: list[str], encoding: str) -> Sources:
-    """Turn ``--data`` entries (files, directories, built-in corpus names) into files to read."""
+def corpus_name(entries: list[str]) -> str:
+    """A short name for the text that ``--data`` entries name: the first one's file stem."""
+    if not entries or entries[0] == STDIN:
+        return "stdin"
+    return Path(entries[0]).stem or "corpus"
+
+
+def resolve_sources(entries: list[str], encoding: str, *, stdin: Path | None = None) -> Sources:
+    """Turn ``--data`` entries (files, directories, built-in corpus names, ``-`` for standard
+    input) into files to read. ``-`` becomes :data:`STDIN_PATH`, read as a stream, unless
+    ``stdin`` names a file that holds its text."""
     _check_encoding(encoding)
+    if entries.count(STDIN) > 1:
+        raise CharLSTMError("standard input (-) can be read only once: give - once")
     if len(entries) == 1 and is_builtin(entries[0]) and not Path(entries[0]).exists():
         corpus = fetch_builtin(entries[0])
         return Sources(corpus.name, (corpus.path,), corpus.encoding, corpus.split)
     paths: list[Path] = []
     for entry in entries:
         path = Path(entry).expanduser()
-        if path.is_dir():
+        if entry == STDIN:
+            paths.append(stdin or STDIN_PATH)
+        elif path.is_dir():
             found = sorted(
                 p
                 for p in path.rglob("*")
@@ -197,61 +243,165 @@ def resolve_sources(entries: list[str], encoding: str) -> Sources:
         else:
             raise CharLSTMError(
                 f"{entry}: no such file or directory (built-in corpora: "
-                "shakespeare, tinyshakespeare, enwik8, text8)"
+                "shakespeare, tinyshakespeare, enwik8, text8; - reads standard input)"
             )
-    name = Path(entries[0]).stem or "corpus"
-    return Sources(name, tuple(paths), encoding)
+    return Sources(corpus_name(entries), tuple(paths), encoding)
 
 
-def read_codepoints(path: Path, encoding: str) -> Iterator[np.ndarray]:
-    """Yield a file's symbols block by block: code points, or byte values for ``bytes``."""
+# ---- standard input ---------------------------------------------------------------------------
+
+
+def stdin_copy(fingerprint: str) -> Path:
+    """Where the text of a corpus read from standard input is kept, by the corpus's
+    fingerprint (a checkpoint records it), so that the run can read that text again."""
+    return data_dir() / "stdin" / f"{fingerprint[:32]}.txt"
+
+
+def resume_stdin(config: DataConfig, fingerprint: str | None) -> Path | None:
+    """For a run resumed on text that came from standard input (``-`` in its data): the kept
+    copy of that text to read instead, when nothing is piped in now (standard input is a
+    terminal, /dev/null or closed). None to read standard input, or if the run did not."""
+    if STDIN not in (*config.data, *config.val_data) or _stdin_is_piped():
+        return None
+    copy = stdin_copy(fingerprint or "")
+    if not fingerprint or not copy.is_file():
+        raise CharLSTMError(
+            f"this run was trained on standard input and its copy {copy} is gone: pipe the same "
+            "text in again (... | charlstm train --resume RUN)"
+        )
+    return copy
+
+
+def _stdin_is_piped() -> bool:
+    """True if standard input is a pipe, socket or regular file: text given to read."""
     try:
-        with open(path, "rb") as f:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # closed, or replaced by an object
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+def _stdin_buffer() -> BinaryIO:
+    if sys.stdin is None:
+        raise CharLSTMError("standard input is closed: there is nothing to read for -")
+    return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def _read_stdin() -> tuple[Path, bool]:
+    """Copy standard input into the cache, block by block (bounded memory); returns the copy
+    and True. Standard input is read once: later calls return the copy made then, and False."""
+    source = _stdin_buffer()
+    for stream, copy in _stdin_read:
+        if stream is source and copy.is_file():
+            return copy, False
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise CharLSTMError(
+            "torchrun does not pass standard input to every process: save the text to a file "
+            "and give its name to --data"
+        )
+    directory = data_dir() / "stdin"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".tmp")
+    except OSError as e:
+        raise CharLSTMError(
+            f"cannot keep standard input in {directory}: {e.strerror or e} (set "
+            "CHARLSTM_DATA_DIR to a writable directory)"
+        ) from None
+    path = Path(name)
+    _stdin_copies.add(path)
+    try:
+        with os.fdopen(fd, "wb") as out, _Progress(None, "reading standard input") as bar:
+            while block := source.read(_BLOCK_BYTES):
+                out.write(block)
+                bar.update(len(block))
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise CharLSTMError(
+            f"cannot copy standard input to {directory}: {e.strerror or e}"
+        ) from None
+    except BaseException:  # Ctrl-C, or a CharLSTMError: leave no partial copy behind
+        path.unlink(missing_ok=True)
+        raise
+    _stdin_read[:] = [(source, path)]
+    return path, True
+
+
+def _keep_stdin(incoming: Path, fingerprint: str) -> Path:
+    """Move a fresh copy of standard input to its lasting name; an identical text piped in
+    before already lies there (same name), and keeping that one keeps its caches valid."""
+    kept = stdin_copy(fingerprint)
+    if kept.is_file() and kept.stat().st_size == incoming.stat().st_size:
+        incoming.unlink()
+    else:
+        os.replace(incoming, kept)
+    _stdin_read[:] = [(stream, kept) for stream, _ in _stdin_read]
+    size = kept.stat().st_size
+    print(
+        f"standard input ({size:,} bytes) is kept in {kept}: eval and --resume read it from there",
+        file=sys.stderr,
+    )
+    return kept
+
+
+def _where(path: Path) -> str:
+    """How messages name a file: standard input and its fresh copies by that name."""
+    return _STDIN_LABEL if path == STDIN_PATH or path in _stdin_copies else str(path)
+
+
+# ---- reading and decoding ---------------------------------------------------------------------
+
+
+def read_codepoints(
+    path: Path, encoding: str, on_bytes: Callable[[int], Any] | None = None
+) -> Iterator[np.ndarray]:
+    """Yield a file's symbols block by block: code points, or byte values for ``bytes``.
+
+    ``path`` may be :data:`STDIN_PATH`. ``on_bytes``, if given, is told how many bytes each
+    block read.
+    """
+    try:
+        with _open_binary(path) as f:
             if encoding == BYTES:
                 while block := f.read(_BLOCK_BYTES):
+                    if on_bytes is not None:
+                        on_bytes(len(block))
                     yield np.frombuffer(block, dtype=np.uint8)
-            elif codecs.lookup(encoding).name == "utf-8":
-                yield from _read_utf8(f, path)
             else:
-                yield to_codepoints(_decode(f.read(), encoding, path, 0))
+                yield from _read_text(f, path, encoding, on_bytes)
     except OSError as e:
-        raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
+        raise CharLSTMError(f"cannot read {_where(path)}: {e.strerror or e}") from None
 
 
-def _read_utf8(f, path: Path) -> Iterator[np.ndarray]:
-    offset, carry = 0, b""
+def _open_binary(path: Path) -> contextlib.AbstractContextManager[BinaryIO]:
+    if path == STDIN_PATH:
+        return contextlib.nullcontext(_stdin_buffer())  # not closed afterwards
+    return open(path, "rb")
+
+
+def _read_text(
+    f: BinaryIO, path: Path, encoding: str, on_bytes: Callable[[int], Any] | None
+) -> Iterator[np.ndarray]:
+    """Decode a file block by block with an incremental decoder, which holds back a character
+    split by a block boundary (and keeps a byte-order mark's byte order) until the next."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset, head = 0, b""  # bytes given to the decoder so far, and the file's first ones
     while True:
         block = f.read(_BLOCK_BYTES)
-        data = carry + block
-        if not data:
-            return
-        # Hold back a character split by the block boundary until the next block arrives.
-        cut = len(data) if not block else _utf8_boundary(data)
-        yield to_codepoints(_decode(data[:cut], "utf-8", path, offset))
-        offset += cut
-        carry = data[cut:]
+        head = head or block[:4]
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            # e.object is what the decoder held back plus this block: it ends where we are.
+            at = offset + len(block) - len(e.object) + e.start
+            raise CharLSTMError(_decode_error(_where(path), encoding, e, at, head)) from None
+        offset += len(block)
+        if on_bytes is not None and block:
+            on_bytes(len(block))
+        if text:
+            yield to_codepoints(text)
         if not block:
             return
-
-
-def _utf8_boundary(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` that does not end inside a multi-byte character."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit?
-            need = (
-                1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
-            )
-            return len(data) if back >= need else len(data) - back
-    return len(data)
-
-
-def _decode(data: bytes, encoding: str, path: Path, offset: int) -> str:
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        label = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
-        raise CharLSTMError(f"{path}: invalid {label} at byte {offset + e.start}") from None
 
 
 def _check_encoding(encoding: str) -> None:
@@ -278,14 +428,205 @@ def _is_text_codec(encoding: str) -> bool:
         return True
 
 
-def iter_symbols(sources: Sources, hasher=None) -> Iterator[np.ndarray]:
+def _same_codec(a: str, b: str) -> bool:
+    return codecs.lookup(a).name == codecs.lookup(b).name
+
+
+# ---- naming a likely encoding when a file fails to decode ---------------------------------------
+
+# Codecs tried on the text around a decoding error, in order of preference on a tie.
+_GUESSES = (
+    *("utf-8", "cp1252", "latin-1", "cp1251", "koi8-r"),
+    *("shift_jis", "euc-jp", "gb18030", "euc-kr"),
+)
+# Japanese text is never without kana, Chinese text hardly ever has them.
+_JAPANESE, _CHINESE = frozenset({"shift_jis", "euc-jp"}), frozenset({"gb18030"})
+_KANA = re.compile("[\u3041-\u30ff]")
+# UTF-16 is tried as well where this share of the bytes are zero, as in text of Latin letters.
+_ZERO_SHARE_UTF16 = 0.1
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16's: it starts with the same two bytes
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_SAMPLE_BYTES = 4096  # bytes on either side of the error that the guesses decode
+_TRUNCATED = ("unexpected end of data", "truncated data", "incomplete multibyte sequence")
+# A guess is named alone when it scores this well and the next one this much lower.
+_CLEAR_SCORE, _CLEAR_MARGIN, _PLAUSIBLE_SCORE = 0.75, 0.15, 0.5
+_FEW = 5
+# Punctuation beyond ASCII (quotes, dashes) is common in text, numbers and symbols less so.
+_OTHER_SCORES = {"P": 1.0, "N": 0.75, "S": 0.5, "M": 0.5, "Z": 0.5}
+# Scripts that one text uses together (Japanese mixes kanji and kana, full-width forms).
+_FAMILIES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "FULLWIDTH": "CJK", "IDEOGRAPHIC": "CJK"}
+
+
+def _decode_error(
+    where: str, encoding: str, error: UnicodeDecodeError, offset: int, head: bytes
+) -> str:
+    """The one-line message for bytes that ``encoding`` cannot decode, with a hint of the
+    encoding they are more likely in."""
+    label = "UTF-8" if _same_codec(encoding, "utf-8") else encoding
+    data, start = error.object, error.start
+    problem = f"{where}: not valid {label} at byte {offset:,} (0x{data[start]:02x})"
+    if error.reason in _TRUNCATED:
+        return f"{problem}: the text ends inside a character (was it cut short?)"
+    return problem + _encoding_hint(data, start, head, encoding)
+
+
+def _encoding_hint(data: bytes, start: int, head: bytes, failed: str) -> str:
+    """The message's ending: "try --encoding X" when one encoding is clearly likelier, else
+    the ones to consider, or that none fits."""
+    for bom, name in _BOMS:
+        if head.startswith(bom) and not _same_codec(name, failed):
+            return f"; it starts with a {name.upper()} byte-order mark: try --encoding {name}"
+    before = data[max(0, start - _SAMPLE_BYTES) : start]
+    if _same_codec(failed, "utf-8") and max(before, default=0) >= 0x80:
+        # The error is the first: any non-ASCII byte before it was part of UTF-8 characters.
+        return (
+            "; the text before it holds UTF-8 characters, so the file mixes encodings or is "
+            "damaged there: repair it or convert it all to UTF-8"
+        )
+    ranked = _rank_encodings(_sample(data, start), failed)
+    likely = [name for score, name in ranked if score >= _PLAUSIBLE_SCORE][:2]
+    if not likely:
+        return (
+            "; it does not look like text in a common encoding (a binary file?): name its "
+            "encoding with --encoding, or use --encoding bytes to model raw bytes"
+        )
+    best = ranked[0][0]
+    if best >= _CLEAR_SCORE and (len(ranked) == 1 or ranked[1][0] <= best - _CLEAR_MARGIN):
+        return f"; it looks like {likely[0]}: try --encoding {likely[0]}"
+    return f"; it may be {' or '.join(likely)}: try --encoding {likely[0]}" + (
+        f" or --encoding {likely[1]}" if len(likely) > 1 else ""
+    )
+
+
+def _sample(data: bytes, start: int) -> bytes:
+    """The bytes around position ``start``, from a line start where one is near (a point where
+    every ASCII-compatible multi-byte encoding is between characters)."""
+    first = max(0, start - _SAMPLE_BYTES)
+    if first > 0:
+        newline = data.find(b"\n", first, start)
+        first = newline + 1 if newline >= 0 else first
+    return data[first : start + _SAMPLE_BYTES]
+
+
+def _rank_encodings(sample: bytes, failed: str) -> list[tuple[float, str]]:
+    """(plausibility, codec) of every candidate codec that decodes ``sample``, the likeliest
+    first; of codecs that decode it to the same text only the preferred one is listed."""
+    names = list(_GUESSES)
+    if sample.count(0) >= _ZERO_SHARE_UTF16 * len(sample):
+        names += ["utf-16-le", "utf-16-be"]
+    ranked, seen = [], set()
+    for name in names:
+        if _same_codec(name, failed):
+            continue
+        text = _decode_sample(sample, name)
+        if text is None or text in seen:
+            continue
+        seen.add(text)
+        score = _plausibility(text)
+        if name in _JAPANESE and not _KANA.search(text):
+            score = min(score, _PLAUSIBLE_SCORE) - 0.1
+        elif name in _CHINESE and _KANA.search(text):
+            score -= 0.2  # Japanese read by a Chinese codec: GB 2312 holds the kana too
+        ranked.append((score, name))
+    ranked.sort(key=lambda pair: -pair[0])  # stable: ties keep the order of preference
+    return ranked
+
+
+def _decode_sample(sample: bytes, name: str) -> str | None:
+    """``sample`` decoded, a character cut off at its end left out; None if it does not decode."""
+    try:
+        return codecs.getincrementaldecoder(name)().decode(sample, final=False)
+    except UnicodeDecodeError:
+        return None
+
+
+def _plausibility(text: str) -> float:
+    """How much ``text`` looks like writing, from 1 down: the mean score of its characters
+    beyond ASCII text (see :func:`_character_score`); 1 if it has none."""
+    scored = [i for i, c in enumerate(text) if not _plain_ascii(c)]
+    if not scored:
+        return 1.0
+    families = [_family(c) for c in text]
+    cased = [c for c in text if not c.isascii() and (c.isupper() or c.islower())]
+    latin = [c for c, family in zip(text, families, strict=True) if family == "LATIN"]
+    accents = sum(not c.isascii() for c in latin)
+    # Shares of a handful of letters say nothing: these two need a few to go on.
+    shouting = len(cased) >= _FEW and sum(c.isupper() for c in cased) > 0.5 * len(cased)
+    accented = accents >= _FEW and accents > 0.3 * len(latin)
+    total = sum(_character_score(text, families, i, shouting, accented) for i in scored)
+    return total / len(scored)
+
+
+def _plain_ascii(c: str) -> bool:
+    """ASCII text: printable characters and ordinary white space, the same in every guess."""
+    return c.isascii() and (c.isprintable() or c in "\t\n\r\f")
+
+
+def _character_score(
+    text: str, families: list[str | None], i: int, shouting: bool, accented: bool
+) -> float:
+    """1 for a character that real text is made of, less for a rare one, negative for one that
+    text hardly ever holds (control codes, private-use or unassigned code points). A letter
+    counts less when the text looks mis-decoded around it: beside a letter of another script,
+    mostly capitals, mostly accented in Latin text, or ideographs between spaces."""
+    c = text[i]
+    kind = unicodedata.category(c)
+    if kind[0] != "L":
+        return _OTHER_SCORES.get(kind[0], -2.0) if kind not in ("Zl", "Zp") else -2.0
+    family = families[i]
+    neighbours = {families[j] for j in (i - 1, i + 1) if 0 <= j < len(text)} - {None}
+    if neighbours - {family} or (c.isupper() and text[i - 1 : i].islower()):
+        return -1.0  # a word in two scripts, or a capital after a small letter
+    if family == "HALFWIDTH" or (family == "LATIN" and accented) or (c.isupper() and shouting):
+        return 0.25
+    if family == "CJK" and " " in text[max(0, i - 1) : i + 2]:
+        return 0.25  # Chinese and Japanese rarely put spaces between words
+    if family == "CJK" and _rare_ideograph(c):
+        return 0.3
+    return 1.0
+
+
+def _family(c: str) -> str | None:
+    """The script of a letter (the first word of its Unicode name), None for anything else."""
+    if not c.isalpha():
+        return None
+    script = unicodedata.name(c, "?").split(" ")[0].split("-")[0]
+    return _FAMILIES.get(script, script)
+
+
+def _rare_ideograph(c: str) -> bool:
+    """True for a Han ideograph outside both GB 2312 and JIS X 0208, the everyday ones of
+    Chinese and Japanese (other encodings' mis-decoded pairs land on rare ones)."""
+    if not unicodedata.name(c, "").startswith("CJK UNIFIED"):
+        return False
+    for name in ("gb2312", "shift_jis"):
+        with contextlib.suppress(UnicodeEncodeError):
+            c.encode(name)
+            return False
+    return True
+
+
+# ---- the corpus ---------------------------------------------------------------------------------
+
+
+def iter_symbols(
+    sources: Sources, hasher=None, on_bytes: Callable[[int], Any] | None = None
+) -> Iterator[np.ndarray]:
     """All symbols of all files in order, files joined so that one blank line separates them."""
     previous_last = None  # the last symbol so far; None while every file was empty
+    blocks = 0
     for path in sources.paths:
         separate = previous_last is not None
-        for block in read_codepoints(path, sources.encoding):
+        for block in read_codepoints(path, sources.encoding, on_bytes):
+            blocks += 1
+            if blocks % _TRIM_EVERY == 0:
+                _return_freed_memory()
             if hasher is not None:
-                hasher.update(block.tobytes())
+                hasher.update(block)  # the array's bytes, without a copy of them
             if len(block):
                 # The separator goes before a file's first symbol: empty files add nothing.
                 if separate:
@@ -296,47 +637,160 @@ def iter_symbols(sources: Sources, hasher=None) -> Iterator[np.ndarray]:
                 yield block
 
 
-def load_corpus(config: DataConfig, vocab: Vocab | None = None) -> Corpus:
+def _return_freed_memory() -> None:
+    """Hand memory that earlier blocks freed back to the system. glibc keeps it, and blocks of
+    varying sizes fragment it, so that a scan's resident memory would creep up with the size
+    of the corpus (to 330 MB over 1 GB, instead of about 110). No-op off glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None).malloc_trim
+
+
+def load_corpus(
+    config: DataConfig, vocab: Vocab | None = None, *, stdin: Path | None = None
+) -> Corpus:
     """Read, encode and split the corpus that ``config`` names.
 
     The vocabulary is that of the training and validation text together, unless ``vocab`` is
-    given (a resumed run keeps its checkpoint's vocabulary).
+    given (a resumed run keeps its checkpoint's vocabulary). ``-`` among the files is standard
+    input, copied first to :func:`stdin_copy` (said on stderr); ``stdin`` names a file to read
+    for it instead, such as that copy when a run is resumed or evaluated later.
     """
-    train_sources = resolve_sources(config.data, config.encoding)
-    val_sources = (
-        resolve_sources(config.val_data, train_sources.encoding) if config.val_data else None
-    )
-    groups = [train_sources] + ([val_sources] if val_sources else [])
-    kind = BYTES if train_sources.encoding == BYTES else "text"
-    fingerprint, counts, lengths = _scan(groups)
-    if vocab is None:
-        vocab = Vocab.from_counts(kind, counts)
-    _check_learnable(train_sources, vocab, lengths[0])
+    fresh = False  # whether stdin is a new copy of standard input, to keep if it can be used
+    if stdin is None and STDIN in (*config.data, *config.val_data):
+        _check_encoding(config.encoding)  # before waiting for the text
+        stdin, fresh = _read_stdin()
+    try:
+        groups = _resolve_groups(config, stdin)
+        # A fresh copy's name changes after the scan: its scan is cached under the new one.
+        fingerprint, counts, lengths = _scan(groups) if fresh else _scan_cached(groups)
+        if vocab is None:
+            vocab = Vocab.from_counts(BYTES if groups[0].encoding == BYTES else "text", counts)
+        _check_learnable(groups[0], vocab, lengths[0])
+    except BaseException:
+        if fresh and stdin is not None:  # a text that cannot be used is not kept
+            stdin.unlink(missing_ok=True)
+        raise
+    if fresh and stdin is not None:
+        stdin = _keep_stdin(stdin, fingerprint)
+        groups = _resolve_groups(config, stdin)
+        _cache_scan(groups, fingerprint, counts, lengths)
+    train_sources = groups[0]
     encoded = [_encode_group(g, vocab, n) for g, n in zip(groups, lengths, strict=True)]
-    if val_sources is not None:
+    if len(groups) > 1:
         train, val = encoded
     else:
         train, val = _split(encoded[0], train_sources.split, config.val_fraction)
-    return Corpus(train_sources.name, vocab, train, val, fingerprint)
+    copy = stdin if STDIN in (*config.data, *config.val_data) else None
+    return Corpus(train_sources.name, vocab, train, val, fingerprint, copy)
+
+
+def _resolve_groups(config: DataConfig, stdin: Path | None) -> list[Sources]:
+    """The training files, and the validation files if ``config`` names any."""
+    train = resolve_sources(config.data, config.encoding, stdin=stdin)
+    if STDIN in config.data and STDIN in config.val_data:
+        raise CharLSTMError("standard input (-) can be read only once: give - once")
+    if not config.val_data:
+        return [train]
+    return [train, resolve_sources(config.val_data, train.encoding, stdin=stdin)]
+
+
+def _scan_cached(groups: list[Sources]) -> tuple[str, np.ndarray, list[int]]:
+    """:func:`_scan`, from a cache file for a large corpus scanned before (same files, same
+    sizes and times)."""
+    path = _scan_path(groups)
+    space = _symbol_space(groups[0].encoding)
+    cached = _read_scan(path, space, len(groups)) if path is not None else None
+    if cached is not None:
+        return cached
+    result = _scan(groups)
+    _cache_scan(groups, *result)
+    return result
+
+
+def _scan_path(groups: list[Sources]) -> Path | None:
+    """Where a large corpus's scan is cached, keyed like its encoded form; None if small."""
+    if _size(groups) < _MMAP_THRESHOLD_BYTES:
+        return None
+    key = hashlib.sha256(_SCAN_FORMAT.encode())
+    for group in groups:
+        key.update(_files_key(group).digest())
+    return data_dir() / "encoded" / f"{key.hexdigest()[:32]}.scan.json"
 
 
 def _scan(groups: list[Sources]) -> tuple[str, np.ndarray, list[int]]:
     """One pass over the text: its fingerprint, symbol counts, and each group's length."""
     hasher = hashlib.sha256(groups[0].encoding.encode())
-    size = 256 if groups[0].encoding == BYTES else _MAX_CODEPOINT + 1
-    counts = np.zeros(size, dtype=np.int64)
+    counts = np.zeros(_symbol_space(groups[0].encoding), dtype=np.int64)
     lengths = []
-    for group in groups:
-        length = 0
-        for block in iter_symbols(group, hasher):
-            counts += np.bincount(block, minlength=size)
-            length += len(block)
-        lengths.append(length)
+    with _Progress(_size(groups), "scanning the corpus") as bar:
+        for group in groups:
+            length = 0
+            for block in iter_symbols(group, hasher, bar.update):
+                # Counts up to the block's largest symbol only: no 8.9 MB array per block.
+                partial = np.bincount(block)
+                counts[: len(partial)] += partial
+                length += len(block)
+            lengths.append(length)
     return hasher.hexdigest(), counts, lengths
 
 
+def _symbol_space(encoding: str) -> int:
+    return 256 if encoding == BYTES else _MAX_CODEPOINT + 1
+
+
+def _read_scan(path: Path, space: int, groups: int) -> tuple[str, np.ndarray, list[int]] | None:
+    """A cached scan, or None if there is none or it is unreadable (then the text is read)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        symbols = np.asarray(value["symbols"], dtype=np.int64)
+        counts = np.zeros(space, dtype=np.int64)
+        counts[symbols] = np.asarray(value["counts"], dtype=np.int64)
+        lengths = [int(n) for n in value["lengths"]]
+        fingerprint = str(value["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if value.get("format") != _SCAN_FORMAT or len(lengths) != groups:
+        return None
+    return fingerprint, counts, lengths
+
+
+def _cache_scan(
+    groups: list[Sources], fingerprint: str, counts: np.ndarray, lengths: list[int]
+) -> None:
+    """Cache a large corpus's scan (atomically); one that cannot be written costs a rescan."""
+    path = _scan_path(groups)
+    if path is None:
+        return
+    symbols = np.flatnonzero(counts)
+    value = {
+        "format": _SCAN_FORMAT,
+        "fingerprint": fingerprint,
+        "lengths": lengths,
+        "symbols": symbols.tolist(),
+        "counts": counts[symbols].tolist(),
+    }
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(value, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 def _check_learnable(sources: Sources, vocab: Vocab, length: int) -> None:
-    where = ", ".join(str(p) for p in sources.paths[:3]) + (
+    where = ", ".join(_where(p) for p in sources.paths[:3]) + (
         " ..." if len(sources.paths) > 3 else ""
     )
     if length == 0:
@@ -350,40 +804,84 @@ def _check_learnable(sources: Sources, vocab: Vocab, length: int) -> None:
 
 def _encode_group(group: Sources, vocab: Vocab, length: int) -> np.ndarray:
     """Encode one group of files into an id array, memory-mapped from a cache when large."""
-    size = sum(p.stat().st_size for p in group.paths)
+    size = _size([group])
     if size < _MMAP_THRESHOLD_BYTES:
-        return _encode_into(np.empty(length, vocab.dtype), group, vocab)
+        out = np.empty(length, vocab.dtype)
+        position = 0
+        for ids in _encoded_blocks(group, vocab, length):
+            out[position : position + len(ids)] = ids
+            position += len(ids)
+        return out
     path = _cache_path(group, vocab)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-        os.close(fd)
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.dtype, shape=(length,))
-            _encode_into(out, group, vocab)
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_encoded(path, group, vocab, length, size)
     return np.load(path, mmap_mode="r")
 
 
-def _encode_into(out: np.ndarray, group: Sources, vocab: Vocab) -> np.ndarray:
+def _write_encoded(path: Path, group: Sources, vocab: Vocab, length: int, size: int) -> None:
+    """Encode a group into an .npy file, block by block, atomically. Written rather than
+    memory-mapped: the encoded corpus never counts in this process's resident memory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    except OSError as e:
+        raise CharLSTMError(
+            f"cannot write the encoded corpus to {path.parent}: {e.strerror or e} (set "
+            "CHARLSTM_DATA_DIR to a writable directory)"
+        ) from None
+    header = {
+        "descr": np.lib.format.dtype_to_descr(vocab.dtype),
+        "fortran_order": False,
+        "shape": (length,),
+    }
+    try:
+        with os.fdopen(fd, "wb") as f, _Progress(size, "encoding the corpus") as bar:
+            np.lib.format.write_array_header_1_0(f, header)
+            for ids in _encoded_blocks(group, vocab, length, bar.update):
+                f.write(ids.data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CharLSTMError(
+            f"cannot write the encoded corpus {path}: {e.strerror or e} (free some space, or "
+            "set CHARLSTM_DATA_DIR to another directory)"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _encoded_blocks(
+    group: Sources, vocab: Vocab, length: int, on_bytes: Callable[[int], Any] | None = None
+) -> Iterator[np.ndarray]:
+    """The group's ids block by block, ``length`` of them in all, as its scan counted."""
     position = 0
-    for block in iter_symbols(group):
-        out[position : position + len(block)] = vocab.encode_codepoints(block, what=str(group.name))
+    for block in iter_symbols(group, on_bytes=on_bytes):
         position += len(block)
-    return out
+        if position > length:
+            break
+        yield vocab.encode_codepoints(block, what=str(group.name))
+    if position != length:
+        where = ", ".join(_where(p) for p in group.paths[:3])
+        raise CharLSTMError(f"{where} changed while being read; run the command again")
+
+
+def _size(groups: Iterable[Sources]) -> int:
+    """Bytes in the groups' files (standard input, not yet read, counts as none)."""
+    return sum(p.stat().st_size for g in groups for p in g.paths if p != STDIN_PATH)
+
+
+def _files_key(group: Sources) -> Any:
+    """A hash of the format, encoding, and the files' paths, sizes and modification times."""
+    key = hashlib.sha256(f"{_CACHE_FORMAT}\0{group.encoding}\0".encode())
+    for p in group.paths:
+        stat_result = p.stat()
+        key.update(f"{p.resolve()}\0{stat_result.st_size}\0{stat_result.st_mtime_ns}\0".encode())
+    return key
 
 
 def _cache_path(group: Sources, vocab: Vocab) -> Path:
     """A cache name keyed on the format, the files' paths, sizes and times, and the vocabulary."""
-    key = hashlib.sha256(f"{_CACHE_FORMAT}\0{group.encoding}\0".encode())
-    for p in group.paths:
-        stat = p.stat()
-        key.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    key = _files_key(group)
     key.update(json.dumps(vocab.to_json()).encode())
     return data_dir() / "encoded" / f"{key.hexdigest()[:32]}.npy"
 
@@ -401,3 +899,41 @@ def _split(
             f"{val_fraction:.0%} for validation"
         )
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+class _Progress:
+    """Bytes processed, as a bar on stderr once they are known to pass ``_PROGRESS_BYTES``
+    (a large corpus); small corpora stay silent."""
+
+    def __init__(self, total: int | None, description: str) -> None:
+        self.total, self.description = total, description
+        self.done = 0
+        self.bar: Any = None
+
+    def update(self, count: int) -> None:
+        """Count ``count`` more bytes done."""
+        self.done += count
+        if self.bar is None and max(self.total or 0, self.done) >= _PROGRESS_BYTES:
+            from tqdm import tqdm
+
+            tty = sys.stderr is not None and sys.stderr.isatty()
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.done - count,
+                desc=self.description,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.1 if tty else 10.0,  # keep logs of batch jobs short
+            )
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

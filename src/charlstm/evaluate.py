@@ -15,18 +15,23 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from charlstm.budget import EVAL_PRIME, EVAL_SEGMENTS
 from charlstm.config import DynamicEvalConfig
 from charlstm.errors import CharLSTMError
 from charlstm.model import CharRNN, State, detach_state
 
 _BLOCK = 1 << 20  # characters scored per block when streaming a long text
+# Logits held at once while scoring (batch x time x vocabulary): a large vocabulary scores
+# fewer time steps per forward call rather than allocating gigabytes.
+_MAX_LOGITS = 1 << 22
 _MAX_EXP = math.log(1.7e308)  # math.exp overflows beyond this
 # Dynamic evaluation divides each gradient by its running RMS (RMSprop): the average forgets
 # with this factor (a memory of about 100 updates), and _RMS_FLOOR keeps the steps of
@@ -62,20 +67,33 @@ class EvalResult:
         }
 
 
+# Called with the number of characters just scored, or asked whether to give up.
+Progress = Callable[[int], None]
+ShouldStop = Callable[[], bool]
+
+
+class EvaluationStopped(Exception):
+    """Scoring gave up part-way because ``should_stop`` said so (a signal, usually)."""
+
+
 @torch.no_grad()
 def evaluate_ids(
     net: CharRNN,
     blocks: Iterable[np.ndarray],
     *,
-    segments: int = 64,
-    prime: int = 256,
+    segments: int = EVAL_SEGMENTS,
+    prime: int = EVAL_PRIME,
     chunk: int = 256,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """Score every symbol of the concatenated ``blocks`` after the first one.
 
-    Raises CharLSTMError when there is nothing to score (fewer than two symbols).
+    ``progress``, if given, is called with each number of characters scored. Raises
+    CharLSTMError when there is nothing to score (fewer than two symbols).
     """
-    total, count = score_ids(net, blocks, segments=segments, prime=prime, chunk=chunk)
+    total, count = score_ids(
+        net, blocks, segments=segments, prime=prime, chunk=chunk, progress=progress
+    )
     return eval_result(total, count)
 
 
@@ -85,28 +103,54 @@ def score_ids(
     blocks: Iterable[np.ndarray],
     *,
     part: tuple[int, int] = (0, 1),
-    segments: int = 64,
-    prime: int = 256,
+    segments: int = EVAL_SEGMENTS,
+    prime: int = EVAL_PRIME,
     chunk: int = 256,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> tuple[float, int]:
     """Summed loss (nats) and number of the symbols :func:`evaluate_ids` scores.
 
     ``part=(k, n)`` scores only the k-th of n contiguous shares of the segments, so n
     processes can split one evaluation and add their sums: together they score exactly what
-    one process scores, segment for segment.
+    one process scores, segment for segment. ``should_stop`` is asked between forward calls;
+    when it answers True, :class:`EvaluationStopped` is raised.
     """
     was_training = net.training
     net.eval()
     total, count = 0.0, 0
     context = np.empty(0, dtype=np.int64)
+    hooks = _Hooks(progress, should_stop)
     try:
         for block in _rechunk(blocks):
-            nats, scored = _score(net, context, block, segments, prime, chunk, part)
+            nats, scored = _score(net, context, block, segments, prime, chunk, part, hooks)
             total, count = total + nats, count + scored
             context = np.concatenate([context, block])[-(prime + 1) :]
     finally:
         net.train(was_training)
     return total, count
+
+
+@torch.no_grad()
+def measure_score_speed(net: CharRNN, rows: int = EVAL_SEGMENTS, length: int = 256) -> float:
+    """Characters per second at which ``net`` scores text (forward pass and loss) in
+    :func:`score_ids`' layout: one call of ``rows`` x ``length`` random symbols, timed after
+    one to warm up. The network is left as it was."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(net.vocab_size, (rows, length + 1), generator=generator).to(device)
+    x, y, weight = ids[:, :-1], ids[:, 1:], torch.ones(rows, length)
+    hooks = _Hooks(None, None)
+    try:
+        _score_rows(net, x, y, weight, length, hooks)  # pays for first allocations and set-up
+        began = time.perf_counter()
+        _score_rows(net, x, y, weight, length, hooks)  # float() of the sum waits for a GPU
+        elapsed = time.perf_counter() - began
+    finally:
+        net.train(was_training)
+    return rows * length / max(elapsed, 1e-9)
 
 
 def eval_result(total: float, count: int) -> EvalResult:
@@ -116,6 +160,12 @@ def eval_result(total: float, count: int) -> EvalResult:
     return EvalResult(total / count, count)
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    progress: Progress | None
+    should_stop: ShouldStop | None
+
+
 def _score(
     net: CharRNN,
     context: np.ndarray,
@@ -123,7 +173,8 @@ def _score(
     segments: int,
     prime: int,
     chunk: int,
-    part: tuple[int, int] = (0, 1),
+    part: tuple[int, int],
+    hooks: _Hooks,
 ) -> tuple[float, int]:
     """Sum of losses of every position of ``ids`` given ``context`` and the ids before it."""
     full = np.concatenate([context, ids]).astype(np.int64)
@@ -147,15 +198,36 @@ def _score(
         targets[r, :n] = full[start + 1 : b]
         weight[r, a - 1 - start : n] = 1.0  # only targets at positions >= a are scored here
     device = next(net.parameters()).device
-    x, y, w = (torch.from_numpy(t).to(device) for t in (inputs, targets, weight))
-    state, total = None, torch.zeros((), dtype=torch.float64, device=device)
+    x, y = (torch.from_numpy(t).to(device) for t in (inputs, targets))
+    total = _score_rows(net, x, y, torch.from_numpy(weight), chunk, hooks)
+    return total, int(weight.sum())
+
+
+def _score_rows(
+    net: CharRNN,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    chunk: int,
+    hooks: _Hooks,
+) -> float:
+    """Weighted sum of the losses of targets ``y`` after inputs ``x``, rows read in parallel."""
+    rows, width = x.shape
+    chunk = max(1, min(chunk, _MAX_LOGITS // (rows * net.vocab_size)))
+    weight = weight.to(x.device)
+    state, total = None, torch.zeros((), dtype=torch.float64, device=x.device)
     for t in range(0, width, chunk):
+        if hooks.should_stop is not None and hooks.should_stop():
+            raise EvaluationStopped
         logits, state = net(x[:, t : t + chunk], state)
         losses = F.cross_entropy(
             logits.float().flatten(0, 1), y[:, t : t + chunk].flatten(), reduction="none"
         )
-        total += (losses * w[:, t : t + chunk].flatten()).sum(dtype=torch.float64)
-    return float(total), int(weight.sum())
+        scored = weight[:, t : t + chunk].flatten()
+        total += (losses * scored).sum(dtype=torch.float64)
+        if hooks.progress is not None:
+            hooks.progress(int(scored.sum()))
+    return float(total)
 
 
 def dynamic_evaluate_ids(
@@ -229,15 +301,19 @@ class _Learner:
 
 
 def _rechunk(blocks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
-    """Regroup arbitrary blocks into ~_BLOCK-sized pieces (bounded memory, good batching)."""
+    """Regroup arbitrary blocks into _BLOCK-sized pieces, the last one shorter (bounded memory,
+    good batching). A large block, such as a memory-mapped validation split, is sliced: only
+    each piece is ever copied, never the whole block."""
     pending: list[np.ndarray] = []
-    size = 0
+    held = 0
     for block in blocks:
-        pending.append(np.asarray(block))
-        size += len(block)
-        while size >= _BLOCK:
-            joined = np.concatenate(pending)
-            yield joined[:_BLOCK]
-            pending, size = [joined[_BLOCK:]], size - _BLOCK
-    if size:
+        start = 0
+        while held + len(block) - start >= _BLOCK:
+            end = start + _BLOCK - held
+            yield np.concatenate([*pending, block[start:end]])
+            pending, held, start = [], 0, end
+        if start < len(block):
+            pending.append(block[start:])
+            held += len(block) - start
+    if held:
         yield np.concatenate(pending)

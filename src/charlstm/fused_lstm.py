@@ -107,6 +107,7 @@ def lstm_forward(
             # kernel looks it up instead of multiplying: a third less work in the first layer.
             with torch.autocast("cpu", enabled=False):  # (biases added one by one: see below)
                 table = F.linear(embedding.float(), w_ih.float()) + b_ih.float() + b_hh.float()
+            _check_ids(layer_input, table.shape[0])  # before int32 could wrap one around
             ids = layer_input.to(torch.int32).contiguous()
             inputs = None, ids, None, w_hh, None, None, table
         else:
@@ -226,6 +227,13 @@ def _seed(rate: float, generator: torch.Generator | None) -> int:
     """A mask's seed, drawn from ``generator``; none is drawn for a rate of 0, so that one kind
     of dropout left off does not change the other's masks."""
     return int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """The kernel reads and writes row ``id`` of a (V, 4H) table unchecked: an id outside the
+    vocabulary must fail here, as in torch's embedding, not touch memory past the table."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise IndexError(f"an input id lies outside the vocabulary of {vocab} symbols")
 
 
 def _id_pointer(ids: torch.Tensor | None) -> int:

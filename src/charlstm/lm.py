@@ -12,7 +12,16 @@ import torch
 
 from charlstm.checkpoint import read_checkpoint
 from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
-from charlstm.data import BYTES, Sources, Vocab, iter_symbols, load_corpus, resolve_sources
+from charlstm.data import (
+    BYTES,
+    STDIN,
+    Sources,
+    Vocab,
+    iter_symbols,
+    load_corpus,
+    resolve_sources,
+    stdin_copy,
+)
 from charlstm.device import resolve_device
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
@@ -92,7 +101,11 @@ class CharLM:
         unknown: str = "error",
         dynamic: bool | DynamicEvalConfig = False,
     ) -> EvalResult:
-        """Like :meth:`evaluate` over files, read in blocks so any size fits in memory."""
+        """Like :meth:`evaluate` over files, read in blocks so any size fits in memory.
+
+        ``-`` among ``paths`` reads standard input. ``encoding`` defaults to the one the model
+        was trained with (``--encoding`` of its run).
+        """
         sources = self._sources(paths, encoding)
         blocks = (
             self.vocab.encode_codepoints(block, unknown=unknown, what=sources.name)
@@ -102,9 +115,24 @@ class CharLM:
 
     def evaluate_validation(self, dynamic: bool | DynamicEvalConfig = False) -> EvalResult:
         """Like :meth:`evaluate` on the validation split of the text this model was trained
-        on, read again from the files its configuration names."""
-        corpus = load_corpus(self.config.data, vocab=self.vocab)
+        on, read again from the files its configuration names (in its encoding), or for text
+        that came from standard input, from the copy kept of it."""
+        corpus = load_corpus(self.config.data, vocab=self.vocab, stdin=self._stdin_copy())
         return self._evaluate_blocks([corpus.val], dynamic)
+
+    def _stdin_copy(self) -> Path | None:
+        """The kept copy of the standard input this model was trained on, if it was."""
+        data = self.config.data
+        if STDIN not in (*data.data, *data.val_data):
+            return None
+        fingerprint = self.info.get("corpus", {}).get("fingerprint")
+        copy = stdin_copy(fingerprint or "")
+        if not fingerprint or not copy.is_file():
+            raise CharLSTMError(
+                f"this model was trained on standard input, and the copy kept of it ({copy}) "
+                "is gone"
+            )
+        return copy
 
     def _evaluate_blocks(
         self, blocks: Iterable[np.ndarray], dynamic: bool | DynamicEvalConfig
@@ -120,7 +148,8 @@ class CharLM:
 
     def _sources(self, paths: list[str], encoding: str | None) -> Sources:
         model_bytes = self.vocab.kind == BYTES
-        encoding = encoding or (BYTES if model_bytes else "utf-8")
+        # A byte model of a built-in corpus has "utf-8" in its configuration: the corpus says bytes.
+        encoding = encoding or (BYTES if model_bytes else self.config.data.encoding)
         if (encoding == BYTES) != model_bytes:
             kind = "raw bytes" if model_bytes else "text"
             raise CharLSTMError(f"this model reads {kind}; --encoding {encoding} does not fit it")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from charlstm import distributed
 from charlstm.batching import IGNORE, make_batcher
+from charlstm.budget import MIN_STEPS, BudgetPlan, check_budget, format_seconds, plan_budget
 from charlstm.checkpoint import (
     read_checkpoint,
     read_resume_state,
@@ -36,12 +37,18 @@ from charlstm.checkpoint import (
     write_checkpoint,
 )
 from charlstm.config import RunConfig, TrainConfig
-from charlstm.data import Corpus, Vocab, load_corpus
+from charlstm.data import Corpus, Vocab, corpus_name, load_corpus, resume_stdin
 from charlstm.device import autocast_dtype, keep_freed_memory, resolve_device, synchronize
 from charlstm.distributed import World
 from charlstm.ema import WeightAverage
 from charlstm.errors import CharLSTMError, TrainingInterrupted
-from charlstm.evaluate import EvalResult, eval_result, score_ids
+from charlstm.evaluate import (
+    EvalResult,
+    EvaluationStopped,
+    eval_result,
+    measure_score_speed,
+    score_ids,
+)
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
 from charlstm.muon import MuonAdamW
@@ -69,21 +76,28 @@ class TrainResult:
     elapsed: float  # seconds, over all sessions of the run
     best_val: EvalResult | None  # None on torchrun ranks other than 0
     model: CharLM | None = field(repr=False)  # the best checkpoint; None on ranks other than 0
+    # Why this result is weak, if it is: e.g. a budget that ran out after a handful of steps.
+    warnings: list[str] = field(default_factory=list)
 
 
 def train(
     config: RunConfig,
     *,
     progress: bool = True,
-    adapt: Callable[[float], RunConfig] | None = None,
+    adapt: Callable[[float, Corpus], RunConfig] | None = None,
 ) -> TrainResult:
     """Train a model as ``config`` says; returns the best checkpoint loaded as a CharLM.
 
     ``adapt``, for a fresh run, is given this machine's training speed on ``config``'s model
     (characters per second, :func:`measure_speed`, timed once the inputs are checked and
-    counted in the budget) and returns the configuration to train instead: how
-    ``charlstm train`` picks a preset (:func:`~charlstm.config.preset_for`). Not for a run
-    that resumes, which keeps its saved settings.
+    counted in the budget) and the corpus, and returns the configuration to train instead:
+    how ``charlstm train`` picks a preset (:func:`~charlstm.config.preset_for`). Not for a
+    run that resumes, which keeps its saved settings.
+
+    With a time budget, the run first measures how fast it trains and scores, refuses a
+    budget too small to train :data:`~charlstm.budget.MIN_STEPS` steps
+    (:class:`~charlstm.budget.BudgetTooSmall`), and keeps evaluation to a small, measured
+    share of the budget (:mod:`charlstm.budget`).
 
     SIGINT (Ctrl-C) and SIGTERM let the current step finish, save ``last/`` and raise
     :class:`~charlstm.errors.TrainingInterrupted`; a second Ctrl-C stops at once.
@@ -123,20 +137,29 @@ def _train(
         keep_freed_memory()
     # One process per machine first: a built-in corpus may be downloaded and cached.
     vocab = saved.vocab if saved else None
-    corpus = world.local_main_first(load_corpus, config.data, vocab=vocab)
+    stdin = None  # a run trained on standard input reads its kept copy when none is piped in
+    if saved is not None:
+        stdin = resume_stdin(config.data, saved.info.get("corpus", {}).get("fingerprint"))
+    corpus = world.local_main_first(load_corpus, config.data, vocab=vocab, stdin=stdin)
     if saved is not None and saved.info.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
         raise CharLSTMError(
             f"the training text differs from the one {run_dir} was trained on; resume with the "
             "same --data, or start a new run"
         )
+    train_speed = None  # characters per second, measured for a fresh budgeted run
     if adapt is not None and saved is None:
-        config = adapt(measure_speed(config, corpus.vocab.size))
-        config.validate()
+        train_speed = measure_speed(config, corpus.vocab.size)
+        picked = adapt(train_speed, corpus).validate()
+        train_speed = train_speed if _trains_alike(picked, config) else None
+        config = picked
+    if saved is None and world.size == 1 and config.train.budget_seconds() and not train_speed:
+        train_speed = measure_speed(config, corpus.vocab.size)
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
     if world.rank:  # the same initial weights everywhere, but each process its own dropout
         torch.manual_seed(distributed.rank_seed(config.train.seed, world.rank))
     trainer = _Trainer(config, corpus, net, device, run_dir, progress, started, world)
+    trainer.plan_evaluation(train_speed)  # may refuse the budget: before any file is touched
     if resume_from is None:
         # Only now, with every input checked, may an --overwrite'd old run be removed.
         replace = config.train.overwrite or config.train.resume == "auto"
@@ -161,7 +184,7 @@ def measure_speed(config: RunConfig, vocab_size: int = 96, steps: int = 2) -> fl
         keep_freed_memory()
     vocab = Vocab("text", tuple(range(32, 32 + vocab_size)))
     length = (steps + 2) * config.train.batch_size * (config.train.seq_len + 1)
-    text = np.random.default_rng(0).integers(0, vocab.size, length, dtype=np.uint8)
+    text = np.random.default_rng(0).integers(0, vocab.size, length).astype(vocab.dtype)
     corpus = Corpus("random text", vocab, text, text[:0], fingerprint="")
     net = CharRNN(config.model, vocab.size).to(device)
     trainer = _Trainer(config, corpus, net, device, Path(os.devnull), False, time.monotonic())
@@ -176,6 +199,12 @@ def measure_speed(config: RunConfig, vocab_size: int = 96, steps: int = 2) -> fl
     finally:
         trainer.shards.close()
     return steps * config.train.batch_size * config.train.seq_len / elapsed
+
+
+def _trains_alike(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configurations train at the same speed: same network, batch and arithmetic."""
+    same = ("batch_size", "seq_len", "precision", "optimizer", "device")
+    return a.model == b.model and all(getattr(a.train, k) == getattr(b.train, k) for k in same)
 
 
 @contextlib.contextmanager
@@ -235,7 +264,16 @@ class _Trainer:
         self.state: State | None = None
         self.best_val: float | None = None
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of a resumed run
+        # With a budget: what evaluation may cost (plan_evaluation), the length of the prefix
+        # of the validation split that periodic evaluations score (fixed at the first one, so
+        # the curve is comparable), and the measured cost of the last evaluation and save.
+        self.plan: BudgetPlan | None = None
+        self.slice_chars: int | None = None
         self.last_eval_seconds: float | None = None
+        self.last_save_seconds: float | None = None
+        self.session_start = (0, 0.0)  # (step, elapsed) when this session's training began
+        self.stopped_by = ""  # the limit that ended the loop: budget, steps, epochs or signal
+        self.warnings: list[str] = []
         self.curves_failed = False  # drawing curves.png failed once: do not try again
         self.bad_steps = 0
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after this step
@@ -259,6 +297,7 @@ class _Trainer:
         )
         last_eval_step = self.step if self.step > 0 else -1
         self.window_start = self.elapsed()
+        self.session_start = (self.step, self.window_start)
         with bar, self._open_metrics() as metrics:
             while not self._should_stop():
                 loss = self._train_step()
@@ -270,28 +309,136 @@ class _Trainer:
                 if self.step % self.tc.log_every == 0:
                     self._log_train(metrics, bar)
                 if self.step % self.tc.eval_every == 0:
-                    self._evaluate_and_save(metrics, bar)
+                    with contextlib.suppress(EvaluationStopped):  # a signal: the loop ends next
+                        self._evaluate_and_save(metrics, bar, self._periodic_chars(bar))
                     last_eval_step = self.step
                     self.window_start = self.elapsed()  # keep evaluation out of the speed figure
+            if self.interrupted is None:
+                try:
+                    self._closing_evaluation(metrics, bar, last_eval_step)
+                except EvaluationStopped:
+                    self.interrupted = self.stop_signal
             if self.interrupted is not None:
                 self._save(self.run_dir / "last", self._info(None), with_resume_state=True)
                 raise TrainingInterrupted(self.interrupted, self.run_dir, self.step)
-            if last_eval_step != self.step:
-                self._evaluate_and_save(metrics, bar)
+        self._warn_if_short()
         total = self.elapsed()
         if not self.world.is_main:
-            return TrainResult(self.run_dir, self.step, total, None, None)
+            return TrainResult(self.run_dir, self.step, total, None, None, self.warnings)
         best = read_checkpoint(self.run_dir / "best")
         best_val = best.info.get("val")
         print(
-            f"done: {self.step} steps in {_format_seconds(total)}; best validation loss "
-            f"{best_val['loss']:.4f} nats/char ({best_val['bpc']:.4f} bpc) -> {self.run_dir}",
+            f"done: {self.step} steps in {format_seconds(total)}; best validation loss "
+            f"{best_val['loss']:.4f} nats/char ({best_val['bpc']:.4f} bpc) over "
+            f"{self._scored_words(best_val['characters'] + 1)} -> {self.run_dir}",
             file=sys.stderr,
         )
         # By type ("cuda", not "cuda:0"): under torchrun, set_device made it this process's GPU.
         model = CharLM.load(self.run_dir / "best", device=self.device.type)
         val = EvalResult(best_val["loss"], best_val["characters"])
-        return TrainResult(self.run_dir, self.step, total, val, model)
+        return TrainResult(self.run_dir, self.step, total, val, model, self.warnings)
+
+    # ---- the budget's evaluations ---------------------------------------------------------
+
+    def plan_evaluation(self, train_speed: float | None) -> None:
+        """With a time budget, measure how fast this model is scored and plan what each
+        evaluation scores; given the training speed (a fresh run), refuse a budget that cannot
+        train :data:`MIN_STEPS` steps. Without a budget, every evaluation scores the whole
+        validation split."""
+        if self.budget is None:
+            return
+        # Each process scores its share of the segments: together, the sum of their speeds.
+        speed = self.world.sum([measure_score_speed(self.net)])[0]
+        self.plan = plan_budget(self.budget, speed, len(self.corpus.val))
+        if train_speed is not None:
+            chars_per_step = self.tc.batch_size * self.tc.seq_len
+            check_budget(self.plan, train_speed, chars_per_step, self.elapsed(), self._save_cost())
+
+    def _periodic_chars(self, bar) -> int | None:
+        """How many validation characters a periodic evaluation scores (None: all of them)."""
+        if self.plan is None or self.slice_chars is not None:
+            return self.slice_chars
+        first_step, first_elapsed = self.session_start
+        steps_per_second = (self.step - first_step) / max(self.elapsed() - first_elapsed, 1e-9)
+        seconds_left = self.plan.budget - self.elapsed() - self._reserve()
+        chosen = self.plan.slice_chars(seconds_left, steps_per_second, self.tc.eval_every)
+        self.slice_chars = int(self.world.max([chosen])[0])  # every process the same slice
+        if self.world.is_main:
+            bar.write(f"evaluating every {self.tc.eval_every} steps on "
+                      f"{self._scored_words(self.slice_chars)}", file=sys.stderr)  # fmt: skip
+        return self.slice_chars
+
+    def _closing_evaluation(self, metrics, bar, last_eval_step: int) -> None:
+        """Score the end of training; with a budget, score the best model on as much of the
+        validation split as the plan allows when periodic evaluations scored less."""
+        plan = self.plan
+        if plan is None or self.best_val is None:  # no budget, or the run's only evaluation
+            if last_eval_step != self.step:
+                chars = None if plan is None else plan.final_chars
+                self._evaluate_and_save(metrics, bar, chars)
+            return
+        if last_eval_step != self.step:
+            self._evaluate_and_save(metrics, bar, self.slice_chars)
+        if self.slice_chars is not None and plan.final_chars > self.slice_chars:
+            self._rescore_best(metrics, bar, plan.final_chars)
+
+    def _rescore_best(self, metrics, bar, chars: int) -> None:
+        """Score ``best/`` on the first ``chars`` validation characters and record it there."""
+        began = time.monotonic()
+        best = read_checkpoint(self.run_dir / "best")
+        if "val_slice" in best.info:
+            return  # scored already: a finished run resumed again
+        self.net.load_state_dict(best.weights)  # training is over: the trained weights can go
+        result = self._score(chars)
+        info = {**best.info, "val": result.as_dict(), "val_slice": best.info["val"]}
+        self.world.on_main(write_checkpoint, self.run_dir / "best", config=self.config,
+                           vocab=self.corpus.vocab, weights=best.weights, info=info)  # fmt: skip
+        seconds = time.monotonic() - began
+        self._log(metrics, kind="final", model_step=best.info["step"], seconds=round(seconds, 3),
+                  **result.as_dict())  # fmt: skip
+        if self.world.is_main:
+            bar.write(f"best model (step {best.info['step']}): validation loss "
+                      f"{result.loss:.4f} nats/char, {result.bpc:.4f} bpc over "
+                      f"{self._scored_words(result.characters + 1)}", file=sys.stderr)  # fmt: skip
+
+    def _reserve(self) -> float:
+        """Seconds to keep at the end of a budget for the closing evaluation and saves."""
+        assert self.plan is not None
+        closing = self.plan.score_seconds(self.plan.final_chars) + self._save_cost()
+        if self.best_val is None:
+            return closing  # one evaluation, of the closing size
+        periodic = self.last_eval_seconds or 0.0
+        if self.slice_chars is None or self.plan.final_chars <= self.slice_chars:
+            return periodic
+        return periodic + closing
+
+    def _save_cost(self) -> float:
+        """Seconds to save checkpoints and redraw the curves: measured once there was a save."""
+        if self.last_save_seconds is not None:
+            return self.last_save_seconds
+        # Weights, two optimizer moments and their average, written to disk; the plot.
+        return 1.0 + 16 * self.net.num_parameters() / 200e6
+
+    def _scored_words(self, chars: int) -> str:
+        """``all 111,538 validation characters`` or ``the first 1,000,000 of 10,000,000 ...``
+        for a prefix of ``chars`` characters (it scores one fewer: the first has no context)."""
+        total = len(self.corpus.val)
+        if chars >= total:
+            return f"all {total:,} validation characters"
+        return f"the first {chars:,} of {total:,} validation characters"
+
+    def _warn_if_short(self) -> None:
+        """A run that the budget stopped after a handful of steps says so: it learnt little."""
+        if self.stopped_by != "budget" or self.step >= MIN_STEPS:
+            return
+        warning = (
+            f"only {self.step} steps fitted in the {format_seconds(self.budget or 0)} budget "
+            f"(fewer than {MIN_STEPS}): the model has learnt little; give a longer "
+            "--time-budget or a smaller model"
+        )
+        self.warnings.append(warning)
+        if self.world.is_main:
+            print(f"warning: {warning}", file=sys.stderr)
 
     def _log_train(self, metrics, bar) -> None:
         now = self.elapsed()
@@ -437,36 +584,40 @@ class _Trainer:
             stop_signal, out_of_time = int(signum) or None, bool(late)
         if stop_signal is not None:
             self.interrupted = stop_signal
-            return True
-        if self.tc.max_steps is not None and self.step >= self.tc.max_steps:
-            return True
-        if self.tc.max_epochs is not None and self.batcher.epochs_done >= self.tc.max_epochs:
-            return True
-        return out_of_time
+            self.stopped_by = "signal"
+        elif self.tc.max_steps is not None and self.step >= self.tc.max_steps:
+            self.stopped_by = "steps"
+        elif self.tc.max_epochs is not None and self.batcher.epochs_done >= self.tc.max_epochs:
+            self.stopped_by = "epochs"
+        elif out_of_time:
+            self.stopped_by = "budget"
+        return bool(self.stopped_by)
 
     def _out_of_time(self) -> bool:
-        if self.budget is None:
+        if self.plan is None:
             return False
-        # Keep enough of the budget for the final evaluation and checkpoint.
-        reserve = self.last_eval_seconds or self._estimated_eval_seconds()
-        return self.step > 0 and self.elapsed() + reserve >= self.budget
-
-    def _estimated_eval_seconds(self) -> float:
-        # Before the first evaluation: a forward pass costs about a third of a training step.
-        steps = max(self.step, 1)
-        per_char = self.elapsed() / (steps * self.tc.batch_size * self.tc.seq_len)
-        return 1.0 + len(self.corpus.val) * per_char / 3
+        # Keep enough of the budget for the closing evaluation and checkpoints.
+        return self.step > 0 and self.elapsed() + self._reserve() >= self.plan.budget
 
     # ---- evaluation, checkpoints, logs ---------------------------------------------------
 
-    def _evaluate_and_save(self, metrics, bar) -> None:
-        began = time.monotonic()
+    def _score(self, chars: int | None) -> EvalResult:
+        """The network's loss on the first ``chars`` validation characters (None: all)."""
         # Each process scores its share of the validation text; the sums make the same whole.
         part = (self.world.rank, self.world.size)
-        with self._averaged():  # the model a run reports and saves
-            nats, count = score_ids(self.net, [self.corpus.val], part=part)
+        # A signal stops a long evaluation at once; under torchrun all processes must agree,
+        # so there it waits for the evaluation's end.
+        should_stop = (lambda: self.stop_signal is not None) if self.world.size == 1 else None
+        text = self.corpus.val if chars is None else self.corpus.val[:chars]
+        nats, count = score_ids(self.net, [text], part=part, should_stop=should_stop)
         nats, count = self.world.sum([nats, count])
-        result = eval_result(nats, int(count))
+        return eval_result(nats, int(count))
+
+    def _evaluate_and_save(self, metrics, bar, chars: int | None) -> None:
+        """Score the first ``chars`` validation characters (None: all) and save checkpoints."""
+        began = time.monotonic()
+        with self._averaged():  # the model a run reports and saves
+            result = self._score(chars)
         if not math.isfinite(result.perplexity):
             raise CharLSTMError(
                 f"the validation loss is {result.loss:g} at step {self.step}; the model "
@@ -475,13 +626,15 @@ class _Trainer:
         improved = self.best_val is None or result.loss < self.best_val
         if improved:
             self.best_val = result.loss
-        self._log(metrics, kind="eval", **result.as_dict())
+        scored = time.monotonic()
+        self._log(metrics, kind="eval", seconds=round(scored - began, 3), **result.as_dict())
         info = self._info(result)
         if improved:
             self._save(self.run_dir / "best", info, with_resume_state=False)
         self._save(self.run_dir / "last", info, with_resume_state=True)
         if self.world.is_main:  # after the checkpoints: a failed plot can never cost one
             self._draw_curves(bar)
+        self.last_save_seconds = time.monotonic() - scored
         self.last_eval_seconds = time.monotonic() - began
         if not self.world.is_main:
             return
@@ -575,6 +728,7 @@ class _Trainer:
             "carried_state": self.state is not None,
             "log_window": [self.window_loss, self.window_steps],
             "world_size": self.world.size,
+            "eval_slice": self.slice_chars,
         }
         return tensors, json_state
 
@@ -607,6 +761,7 @@ class _Trainer:
         self.best_val = state["best_val"]
         self.batcher.load_state_dict(state["batcher"])
         self.window_loss, self.window_steps = state["log_window"]
+        self.slice_chars = state.get("eval_slice")  # the same slice as before the stop
         suffix = f".rank{self.world.rank}" if self.world.rank else ""  # this process's own
         if "rng.torch" + suffix in tensors:
             torch.set_rng_state(tensors["rng.torch" + suffix])
@@ -650,7 +805,7 @@ class _Trainer:
         if self.best_val is not None:
             postfix["val"] = f"{self.best_val:.3f}"
         if self.budget:
-            postfix["left"] = _format_seconds(max(0.0, self.budget - self.elapsed()))
+            postfix["left"] = format_seconds(max(0.0, self.budget - self.elapsed()))
         return postfix
 
     def _announce(self) -> None:
@@ -664,7 +819,7 @@ class _Trainer:
         if self.tc.max_epochs:
             limits.append(f"{self.tc.max_epochs:g} epochs")
         if self.budget:
-            limits.append(_format_seconds(self.budget))
+            limits.append(format_seconds(self.budget))
         lines = [
             f"corpus {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} "
             f"validation characters, vocabulary of {corpus.vocab.size}",
@@ -673,7 +828,15 @@ class _Trainer:
             f"training on {self.device} in {precision}, batch {self.tc.batch_size} x "
             f"{self.tc.seq_len} ({self.tc.batching}), stopping at {' or '.join(limits)}",
             f"run directory: {self.run_dir}",
+            f"set-up: {self.elapsed() - self.elapsed_before:.1f}s (reading the corpus"
+            + (", measuring speeds)" if self.plan else ")"),
         ]
+        if self.plan is not None and not self.plan.final_is_whole:
+            whole = format_seconds(self.plan.score_seconds(len(corpus.val)))
+            lines.append(
+                f"the closing evaluation scores {self._scored_words(self.plan.final_chars)}: "
+                f"all of them would take {whole} (charlstm eval scores them all)"
+            )
         if self.world.size > 1:
             size, kind = self.world.size, self.device.type
             per = self.tc.batch_size // size
@@ -770,7 +933,7 @@ def _create_run_dir(run_dir: Path, replace: bool) -> None:
 
 
 def _default_run_dir(config: RunConfig) -> Path:
-    name = Path(config.data.data[0]).stem or "corpus"
+    name = corpus_name(config.data.data)
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -807,12 +970,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
