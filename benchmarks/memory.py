@@ -36,13 +36,16 @@ def source_files() -> list[Path]:
 
 
 def build_corpus(path: Path, megabytes: int) -> int:
-    """Python source repeated until ``megabytes`` million bytes: returns the size written."""
+    """Python source repeated until about ``megabytes`` million bytes: returns the size
+    written."""
     target, written = megabytes * 1_000_000, 0
     files = source_files()
     with open(path, "wb") as out:
-        while written < target:
+        while written < target - 4:
             for source in files:
-                piece = source.read_bytes()[: target - written]
+                text = source.read_text(encoding="utf-8", errors="replace")  # a few are not UTF-8
+                # Cut on a character boundary, so the corpus is valid UTF-8 to its last byte.
+                piece = text.encode()[: target - written].decode(errors="ignore").encode()
                 out.write(piece)
                 written += len(piece)
                 if written >= target:

@@ -355,6 +355,8 @@ def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tm
     assert bits == pytest.approx(values["bpc"], abs=5e-5)
     assert perplexity == pytest.approx(values["perplexity"], abs=5e-4)
     assert int(match.group(4).replace(",", "")) == len(text) - 1
+    # The progress bar on stderr ends at every character scored.
+    assert f"scoring: {len(text) - 1}char [" in human.stderr
 
 
 def test_eval_without_data_scores_the_validation_split_and_dynamic_adapts(
@@ -386,6 +388,8 @@ def test_eval_without_data_scores_the_validation_split_and_dynamic_adapts(
     assert float(match.group(1)) == pytest.approx(expected, abs=2e-4)
     assert abs(expected - dynamic_values["loss"]) > 1e-3
     assert int(match.group(2).replace(",", "")) == recorded["characters"]
+    scored = recorded["characters"]
+    assert f"scoring: {scored}char [" in plain.stderr and f"scoring: {scored}char [" in human.stderr
 
 
 # ---- errors ---------------------------------------------------------------------------------

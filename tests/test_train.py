@@ -6,6 +6,7 @@ except the learning test, which is the one that shows the recipe actually learns
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 import charlstm
 from charlstm import CharLSTMError
 from charlstm.data import Corpus
+from charlstm.train import loss_and_grads
 
 LN2 = math.log(2)
 # Unigram entropy of the first 180,000 characters (the training part) of shakespeare_200k:
@@ -473,3 +475,32 @@ def test_ctrl_c_during_a_long_evaluation_stops_within_seconds_and_saves(tmp_path
     assert time.monotonic() - sent < 3.0
     assert "interrupted at step 3" in err and "Traceback" not in err
     assert checkpoint_info(out / "last")["step"] == 3
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_loss_taken_a_slice_at_a_time_has_the_whole_batchs_gradients(cell, precision):
+    """A large vocabulary's logits are never all held at once; the gradients are the same."""
+    vocab, rows, steps = 300, 4, 21
+    torch.manual_seed(0)
+    config = charlstm.ModelConfig(cell=cell, embed_dim=16, hidden_dim=32, n_layers=2, dropout=0.3)
+    net = charlstm.CharRNN(config, vocab).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    x, y = torch.randint(vocab, (rows, steps)), torch.randint(vocab, (rows, steps))
+    state = net.initial_state(rows)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def run(max_logits: int):
+        autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+        generator = torch.Generator().manual_seed(7)  # the same dropout masks for both
+        return loss_and_grads(net, x, y, state, 0.5, params, generator=generator,
+                              autocast=autocast, max_logits=max_logits)  # fmt: skip
+
+    whole_loss, whole_grads, whole_state = run(rows * steps * vocab)
+    sliced_loss, sliced_grads, sliced_state = run(rows * 4 * vocab)  # 4 steps a slice, 6 slices
+    tolerance = 2e-2 if dtype else 1e-5
+    assert float(sliced_loss) == pytest.approx(float(whole_loss), rel=tolerance / 10)
+    for whole, sliced in zip(whole_grads, sliced_grads, strict=True):
+        assert torch.allclose(whole, sliced, rtol=tolerance, atol=tolerance * whole.abs().max())
+    for whole, sliced in zip(whole_state, sliced_state, strict=True):
+        assert torch.equal(whole, sliced)

@@ -14,7 +14,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from charlstm import distributed
@@ -229,14 +229,19 @@ def _eval(args: argparse.Namespace) -> int:
     from charlstm.lm import CharLM
 
     model = CharLM.load(args.checkpoint, device=args.device)
-    if args.data is None:
-        result = _evaluate_validation(model, dynamic)
-        scored = "of the validation split"
-    else:
-        result = model.evaluate_files(
-            args.data, encoding=args.encoding, unknown=args.unknown, dynamic=dynamic
-        )
-        scored = "of " + ", ".join(args.data)
+    with _progress_bar("scoring", "char") as bar:
+        if args.data is None:
+            result = _evaluate_validation(model, dynamic, bar.update)
+            scored = "of the validation split"
+        else:
+            result = model.evaluate_files(
+                args.data,
+                encoding=args.encoding,
+                unknown=args.unknown,
+                dynamic=dynamic,
+                progress=bar.update,
+            )
+            scored = "of " + ", ".join(args.data)
     if args.json:
         print(json.dumps({**result.as_dict(), "dynamic": args.dynamic}))
     else:
@@ -248,9 +253,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_validation(model: CharLM, dynamic: DynamicEvalConfig | bool) -> EvalResult:
+def _evaluate_validation(
+    model: CharLM, dynamic: DynamicEvalConfig | bool, progress: Callable[[int], object]
+) -> EvalResult:
     try:
-        return model.evaluate_validation(dynamic)
+        return model.evaluate_validation(dynamic, progress)
     except CharLSTMError as e:  # most likely, the training text has moved
         raise CharLSTMError(
             f"{e}; without --data, eval reads the validation split from the files the model "
@@ -385,6 +392,15 @@ def _inspect(args: argparse.Namespace) -> int:
     print(result.report(args.top))
     print(f"wrote {html} and {png}", file=sys.stderr)
     return 0
+
+
+def _progress_bar(what: str, unit: str) -> Any:
+    """A progress bar on stderr: live on a terminal, a line every 10 s in a log."""
+    from tqdm.auto import tqdm
+
+    live = sys.stderr.isatty()
+    return tqdm(desc=what, unit=unit, file=sys.stderr,
+                mininterval=0.1 if live else 10.0, dynamic_ncols=True)  # fmt: skip
 
 
 def _say(line: str) -> None:

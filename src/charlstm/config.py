@@ -458,10 +458,8 @@ def preset_for(budget_seconds: float, chars_per_second: float) -> str:
     return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
 
 
-# Passes over the training text that a budget reads, below which nothing repeats often
-# enough to be memorised (dropout only slows learning), and above which a preset's network
-# memorises the text unless it is regularised harder (docs: the corpus suite's experiments).
-FEW_EPOCHS = 1.0
+# Passes over the training text that a budget reads above which a preset's network memorises
+# the text part-way through the run unless regularised harder (README: the corpus suite).
 MANY_EPOCHS = 30.0
 # The least dropout a run gets that reads its text more than MANY_EPOCHS times, and how many
 # times such a run evaluates (and may save a better best/).
@@ -485,10 +483,7 @@ def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: i
     epochs = budget_seconds * chars_per_second / max(train_chars, 1)
     settings: dict[str, Any] = {"preset": name}
     dropout = PRESETS[name].get("dropout", ModelConfig.dropout)
-    if epochs < FEW_EPOCHS and dropout > 0:
-        settings["dropout"] = 0.0
-        fitted = "no dropout: the budget reads the text less than once"
-    elif epochs > MANY_EPOCHS:
+    if epochs > MANY_EPOCHS:
         settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
         # Memorising starts part-way: evaluate often enough for best/ to keep the best weights.
         train = RunConfig().with_overrides(settings).train

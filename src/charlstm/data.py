@@ -257,19 +257,28 @@ def stdin_copy(fingerprint: str) -> Path:
     return data_dir() / "stdin" / f"{fingerprint[:32]}.txt"
 
 
-def resume_stdin(config: DataConfig, fingerprint: str | None) -> Path | None:
-    """For a run resumed on text that came from standard input (``-`` in its data): the kept
-    copy of that text to read instead, when nothing is piped in now (standard input is a
-    terminal, /dev/null or closed). None to read standard input, or if the run did not."""
-    if STDIN not in (*config.data, *config.val_data) or _stdin_is_piped():
+def kept_stdin(config: DataConfig, fingerprint: str | None, remedy: str = "") -> Path | None:
+    """The kept copy of the standard input that a run of ``config`` whose corpus has this
+    fingerprint was trained on; None if it read no standard input. ``remedy`` ends the error
+    raised when the copy is gone."""
+    if STDIN not in (*config.data, *config.val_data):
         return None
     copy = stdin_copy(fingerprint or "")
     if not fingerprint or not copy.is_file():
         raise CharLSTMError(
-            f"this run was trained on standard input and its copy {copy} is gone: pipe the same "
-            "text in again (... | charlstm train --resume RUN)"
+            f"this run was trained on standard input and its copy {copy} is gone{remedy}"
         )
     return copy
+
+
+def resume_stdin(config: DataConfig, fingerprint: str | None) -> Path | None:
+    """For a run resumed on text that came from standard input (``-`` in its data): the kept
+    copy of that text to read instead, when nothing is piped in now (standard input is a
+    terminal, /dev/null or closed). None to read standard input, or if the run did not."""
+    if _stdin_is_piped():
+        return None
+    remedy = ": pipe the same text in again (... | charlstm train --resume RUN)"
+    return kept_stdin(config, fingerprint, remedy)
 
 
 def _stdin_is_piped() -> bool:

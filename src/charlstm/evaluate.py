@@ -26,12 +26,9 @@ import torch.nn.functional as F
 from charlstm.budget import EVAL_PRIME, EVAL_SEGMENTS
 from charlstm.config import DynamicEvalConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN, State, detach_state
+from charlstm.model import MAX_LOGITS, CharRNN, State, detach_state
 
 _BLOCK = 1 << 20  # characters scored per block when streaming a long text
-# Logits held at once while scoring (batch x time x vocabulary): a large vocabulary scores
-# fewer time steps per forward call rather than allocating gigabytes.
-_MAX_LOGITS = 1 << 22
 _MAX_EXP = math.log(1.7e308)  # math.exp overflows beyond this
 # Dynamic evaluation divides each gradient by its running RMS (RMSprop): the average forgets
 # with this factor (a memory of about 100 updates), and _RMS_FLOOR keeps the steps of
@@ -68,7 +65,7 @@ class EvalResult:
 
 
 # Called with the number of characters just scored, or asked whether to give up.
-Progress = Callable[[int], None]
+Progress = Callable[[int], object]
 ShouldStop = Callable[[], bool]
 
 
@@ -213,7 +210,7 @@ def _score_rows(
 ) -> float:
     """Weighted sum of the losses of targets ``y`` after inputs ``x``, rows read in parallel."""
     rows, width = x.shape
-    chunk = max(1, min(chunk, _MAX_LOGITS // (rows * net.vocab_size)))
+    chunk = max(1, min(chunk, MAX_LOGITS // (rows * net.vocab_size)))
     weight = weight.to(x.device)
     state, total = None, torch.zeros((), dtype=torch.float64, device=x.device)
     for t in range(0, width, chunk):
@@ -231,7 +228,10 @@ def _score_rows(
 
 
 def dynamic_evaluate_ids(
-    net: CharRNN, blocks: Iterable[np.ndarray], settings: DynamicEvalConfig
+    net: CharRNN,
+    blocks: Iterable[np.ndarray],
+    settings: DynamicEvalConfig,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """Score every symbol of the concatenated ``blocks`` after the first, adapting as it goes.
 
@@ -241,6 +241,7 @@ def dynamic_evaluate_ids(
     ``dynamic_lr``, and every parameter is pulled back toward its trained value by
     ``dynamic_decay`` (scaled by its RMS relative to its tensor's mean), so that what was
     learnt long ago fades. A copy of ``net`` adapts; ``net`` itself is left as it was.
+    ``progress``, if given, is called with each number of characters scored.
     """
     settings.validate()
     learner = _Learner(copy.deepcopy(net).eval(), settings)
@@ -253,9 +254,13 @@ def dynamic_evaluate_ids(
             total += learner.score_and_learn(pending[: segment + 1])
             count += segment
             pending = pending[segment:]
+            if progress is not None:
+                progress(segment)
     if len(pending) > 1:
         total += learner.score_and_learn(pending)
         count += len(pending) - 1
+        if progress is not None:
+            progress(len(pending) - 1)
     return eval_result(total, count)
 
 

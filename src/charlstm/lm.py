@@ -14,17 +14,16 @@ from charlstm.checkpoint import read_checkpoint
 from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
 from charlstm.data import (
     BYTES,
-    STDIN,
     Sources,
     Vocab,
     iter_symbols,
+    kept_stdin,
     load_corpus,
     resolve_sources,
-    stdin_copy,
 )
 from charlstm.device import resolve_device
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
+from charlstm.evaluate import EvalResult, Progress, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 from charlstm.sample import generate_ids
 
@@ -100,51 +99,46 @@ class CharLM:
         encoding: str | None = None,
         unknown: str = "error",
         dynamic: bool | DynamicEvalConfig = False,
+        progress: Progress | None = None,
     ) -> EvalResult:
         """Like :meth:`evaluate` over files, read in blocks so any size fits in memory.
 
         ``-`` among ``paths`` reads standard input. ``encoding`` defaults to the one the model
-        was trained with (``--encoding`` of its run).
+        was trained with (``--encoding`` of its run). ``progress``, if given, is called with
+        each number of characters scored.
         """
         sources = self._sources(paths, encoding)
         blocks = (
             self.vocab.encode_codepoints(block, unknown=unknown, what=sources.name)
             for block in iter_symbols(sources)
         )
-        return self._evaluate_blocks(blocks, dynamic)
+        return self._evaluate_blocks(blocks, dynamic, progress)
 
-    def evaluate_validation(self, dynamic: bool | DynamicEvalConfig = False) -> EvalResult:
-        """Like :meth:`evaluate` on the validation split of the text this model was trained
-        on, read again from the files its configuration names (in its encoding), or for text
-        that came from standard input, from the copy kept of it."""
-        corpus = load_corpus(self.config.data, vocab=self.vocab, stdin=self._stdin_copy())
-        return self._evaluate_blocks([corpus.val], dynamic)
-
-    def _stdin_copy(self) -> Path | None:
-        """The kept copy of the standard input this model was trained on, if it was."""
-        data = self.config.data
-        if STDIN not in (*data.data, *data.val_data):
-            return None
+    def evaluate_validation(
+        self, dynamic: bool | DynamicEvalConfig = False, progress: Progress | None = None
+    ) -> EvalResult:
+        """Like :meth:`evaluate_files` on the validation split of the text this model was
+        trained on, read again from the files its configuration names (in its encoding), or for
+        text that came from standard input, from the copy kept of it."""
         fingerprint = self.info.get("corpus", {}).get("fingerprint")
-        copy = stdin_copy(fingerprint or "")
-        if not fingerprint or not copy.is_file():
-            raise CharLSTMError(
-                f"this model was trained on standard input, and the copy kept of it ({copy}) "
-                "is gone"
-            )
-        return copy
+        stdin = kept_stdin(self.config.data, fingerprint)
+        corpus = load_corpus(self.config.data, vocab=self.vocab, stdin=stdin)
+        return self._evaluate_blocks([corpus.val], dynamic, progress)
 
     def _evaluate_blocks(
-        self, blocks: Iterable[np.ndarray], dynamic: bool | DynamicEvalConfig
+        self,
+        blocks: Iterable[np.ndarray],
+        dynamic: bool | DynamicEvalConfig,
+        progress: Progress | None = None,
     ) -> EvalResult:
         if dynamic is False:
-            return evaluate_ids(self.net, blocks)
+            return evaluate_ids(self.net, blocks, progress=progress)
         settings = DynamicEvalConfig() if dynamic is True else dynamic
         if not isinstance(settings, DynamicEvalConfig):
             raise CharLSTMError(
                 f"dynamic= takes True, False or a DynamicEvalConfig, not {dynamic!r}"
             )
-        return dynamic_evaluate_ids(self.net, blocks, settings)
+        return dynamic_evaluate_ids(self.net, blocks, settings, progress=progress)
 
     def _sources(self, paths: list[str], encoding: str | None) -> Sources:
         model_bytes = self.vocab.kind == BYTES

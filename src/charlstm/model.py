@@ -28,6 +28,11 @@ _LAYER_FUNCTIONS = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
 WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
+# Logits held at once (batch x time x vocabulary) when scoring or taking the loss: with a large
+# vocabulary, fewer time steps per product rather than gigabytes of logits.
+MAX_LOGITS = 1 << 22
+
+
 class CharRNN(nn.Module):
     """A character-level recurrent language model."""
 
@@ -59,6 +64,18 @@ class CharRNN(nn.Module):
         given, draws every dropout mask, so that threads training shards of one batch stay
         reproducible.
         """
+        features, new_state = self.features(x, state, generator=generator)
+        return self.head(features), new_state
+
+    def features(
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """What the head reads at every position, (B, T, heads x H), and the new state:
+        :meth:`forward` without its last product, for a loss taken a slice at a time."""
         rate = self.config.dropout if self.training else 0.0
         recurrent_rate = self.config.recurrent_dropout if self.training else 0.0
         locked = self.config.dropout_mask == "sequence"
@@ -69,7 +86,7 @@ class CharRNN(nn.Module):
                 self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate,
                 recurrent_rate=recurrent_rate, locked=locked, generator=generator, weights=weights,
             )  # fmt: skip
-            return self.head(self._head_input(outputs)).transpose(0, 1), new_state
+            return self._head_input(outputs).transpose(0, 1), new_state
         state = state if state is not None else self.initial_state(x.shape[0])
         layer_input = self.embed(x)  # (B, T, E)
         outputs, finals = [], []
@@ -83,7 +100,7 @@ class CharRNN(nn.Module):
             outputs.append(layer_input)
             finals.append(final)
         new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
-        return self.head(self._head_input(outputs)), new_state
+        return self._head_input(outputs), new_state
 
     def _layer(
         self,

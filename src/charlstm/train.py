@@ -57,6 +57,9 @@ from charlstm.shards import Shards, shard_count
 
 # What a run directory may hold before its first last/ checkpoint (best/ and the curves come first).
 PRE_CHECKPOINT_FILES = frozenset({METRICS_FILE, CURVES_FILE, "best"})
+# Logits (and their gradients) the training loss holds at once: fewer than scoring may, as
+# backward keeps each slice's softmax too; a large vocabulary's loss runs in slices of steps.
+LOSS_LOGITS = 1 << 20
 # Where resume.safetensors keeps the weights being trained when model.safetensors holds their
 # average (--ema).
 TRAINING_WEIGHTS = "train."
@@ -373,7 +376,8 @@ class _Trainer:
         validation split as the plan allows when periodic evaluations scored less."""
         plan = self.plan
         if plan is None or self.best_val is None:  # no budget, or the run's only evaluation
-            if last_eval_step != self.step:
+            # (A run resumed from a Ctrl-C before its first evaluation has no best/ yet.)
+            if last_eval_step != self.step or self.best_val is None:
                 chars = None if plan is None else plan.final_chars
                 self._evaluate_and_save(metrics, bar, chars)
             return
@@ -503,9 +507,8 @@ class _Trainer:
         weight: float,
     ) -> tuple[torch.Tensor, list[torch.Tensor], State]:
         """Loss (weighted sum over this shard), its gradients and the new state, for one shard."""
-        loss, new_state = self._weighted_loss(self.net, x, y, state, weight, generator)
-        grads = torch.autograd.grad(self.scaler.scale(loss), self.params)
-        return loss.detach(), list(grads), detach_state(new_state)
+        return loss_and_grads(self.net, x, y, state, weight, self.params, generator=generator,
+                              autocast=self._autocast, scale=self.scaler.scale)  # fmt: skip
 
     def _ddp_step(
         self,
@@ -536,8 +539,7 @@ class _Trainer:
         """``weight`` times the summed cross-entropy of the scored targets, and the new state."""
         with self._autocast():  # autocast is per thread: enter it in the shard's own
             logits, new_state = net(x, state, generator=generator)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        return losses * weight, new_state
+        return _summed_loss(logits, y) * weight, new_state
 
     def _skip_bad_step(self, value: float) -> None:
         # Applying a non-finite update would poison every weight: drop it and keep the old state.
@@ -847,6 +849,61 @@ class _Trainer:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def loss_and_grads(
+    net: CharRNN,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    weight: float,
+    params: list[torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    max_logits: int = LOSS_LOGITS,
+) -> tuple[torch.Tensor, list[torch.Tensor], State]:
+    """``weight`` times the summed cross-entropy of the scored targets ``y`` after inputs
+    ``x``, its gradients with respect to ``params`` (of ``scale(loss)``: fp16's loss scale) and
+    the new state. When the batch's logits would exceed ``max_logits`` (a large vocabulary),
+    the head and the loss run a slice of time steps at a time, and their gradients enter the
+    network's backward pass together: the same gradients, without the batch's whole logits."""
+    rows, steps = x.shape
+    with autocast():  # autocast is per thread: enter it in the shard's own
+        features, new_state = net.features(x, state, generator=generator)
+    chunk = max(1, max_logits // (rows * net.vocab_size))
+    if chunk >= steps:
+        with autocast():
+            logits = net.head(features)
+        loss = _summed_loss(logits, y) * weight
+        return (
+            loss.detach(),
+            list(torch.autograd.grad(scale(loss), params)),
+            detach_state(new_state),
+        )
+    held = features.detach().requires_grad_()
+    head = [net.head.weight, net.head.bias]
+    loss = torch.zeros((), device=x.device)
+    feature_grads, head_grads = [], [torch.zeros_like(p) for p in head]
+    for t in range(0, steps, chunk):
+        part = held[:, t : t + chunk]
+        with autocast():
+            logits = net.head(part)
+        piece = _summed_loss(logits, y[:, t : t + chunk]) * weight
+        grad_part, *grad_head = torch.autograd.grad(scale(piece), [part, *head])
+        feature_grads.append(grad_part)
+        for total, grad in zip(head_grads, grad_head, strict=True):
+            total += grad
+        loss += piece.detach()
+    body = [p for p in params if all(p is not h for h in head)]
+    body_grads = torch.autograd.grad(features, body, torch.cat(feature_grads, dim=1))
+    found = {id(p): g for p, g in zip([*body, *head], [*body_grads, *head_grads], strict=True)}
+    return loss, [found[id(p)] for p in params], detach_state(new_state)
+
+
+def _summed_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
 
 
 def _make_optimizer(
