@@ -7,6 +7,7 @@ checkpoints cannot drift apart. This is the only module that turns errors into e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -14,7 +15,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from charlstm import distributed
@@ -229,9 +230,9 @@ def _eval(args: argparse.Namespace) -> int:
     from charlstm.lm import CharLM
 
     model = CharLM.load(args.checkpoint, device=args.device)
-    with _progress_bar("scoring", "char") as bar:
+    with _progress("scoring", "char") as progress:
         if args.data is None:
-            result = _evaluate_validation(model, dynamic, bar.update)
+            result = _evaluate_validation(model, dynamic, progress)
             scored = "of the validation split"
         else:
             result = model.evaluate_files(
@@ -239,7 +240,7 @@ def _eval(args: argparse.Namespace) -> int:
                 encoding=args.encoding,
                 unknown=args.unknown,
                 dynamic=dynamic,
-                progress=bar.update,
+                progress=progress,
             )
             scored = "of " + ", ".join(args.data)
     if args.json:
@@ -394,13 +395,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(what: str, unit: str) -> Any:
-    """A progress bar on stderr: live on a terminal, a line every 10 s in a log."""
+@contextlib.contextmanager
+def _progress(what: str, unit: str) -> Iterator[Callable[[int], None]]:
+    """A progress callback whose bar appears on stderr with the first progress, not before (an
+    input error stays the only line): live on a terminal, a line every 10 s in a log."""
     from tqdm.auto import tqdm
 
-    live = sys.stderr.isatty()
-    return tqdm(desc=what, unit=unit, file=sys.stderr,
-                mininterval=0.1 if live else 10.0, dynamic_ncols=True)  # fmt: skip
+    bars: list[Any] = []
+
+    def update(count: int) -> None:
+        if not bars:
+            live = sys.stderr.isatty()
+            bars.append(tqdm(desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                             mininterval=0.1 if live else 10.0))  # fmt: skip
+        bars[0].update(count)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _say(line: str) -> None:
