@@ -1,7 +1,7 @@
 """The default command on the corpus suite: does every automatic decision hold off the benchmark?
 
     python benchmarks/corpora.py [--budgets 90s 5m 20m] [--corpora shakespeare python russian small]
-                                 [--no-plain]
+                                 [--no-plain] [--side-by-side]
 
 For each corpus of :mod:`charlstm.suite` (built on this machine) and each budget, runs the
 default command a user types, ``charlstm train --data FILE --time-budget BUDGET``, in a
@@ -10,18 +10,21 @@ the corpus and the speed probes; the imports before ``train()`` are not counted)
 the run spent evaluating, the best validation loss in bits per character and how many validation
 characters it was scored on. Beside it: the corpus's unigram entropy (what a model that only
 counts characters reaches) and the plain hand-written loop (``plain.py``) trained for the same
-wall time on the same split.
+wall time on the same split. With ``--side-by-side`` the two run at once, each pinned to one
+core with one thread (half the wall time of a long budget, on a machine of two cores or more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +42,17 @@ from charlstm.suite import SUITE, build_suite_corpus
 SAMPLE_CHARS = 240
 
 
-def run_ours(path: Path, budget: str, out: Path) -> tuple[list[object], str]:
-    """The default command on ``path``; returns its table cells and the start of its sample."""
+def run_ours(path: Path, budget: str, out: Path, core: int | None) -> tuple[list[object], str]:
+    """The default command on ``path`` (on one ``core`` with one thread if given); returns its
+    table cells and the start of its sample."""
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(path), "--time-budget",
                budget, "--out", str(out), "--sample-length", str(SAMPLE_CHARS)]  # fmt: skip
+    env = dict(os.environ)
+    if core is not None:
+        command = ["taskset", "--cpu-list", str(core), *command]
+        env["OMP_NUM_THREADS"] = "1"
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         return [f"failed: {done.stderr.strip().splitlines()[-1]}"] + ["-"] * 7, ""
@@ -62,10 +70,13 @@ def run_ours(path: Path, budget: str, out: Path) -> tuple[list[object], str]:
     return cells, sample
 
 
-def run_plain(path: Path, seconds: float) -> float:
+def run_plain(path: Path, seconds: float, core: int | None) -> float:
     """Best bpc of the plain loop trained for ``seconds`` (its evaluation included) on the
-    same training and validation split charlstm uses."""
+    same training and validation split charlstm uses, on one ``core`` with one thread if given."""
     began = time.perf_counter()
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
     corpus = load_corpus(charlstm.RunConfig().with_overrides({"data": [str(path)]}).data)
     train = torch.from_numpy(np.asarray(corpus.train, dtype=np.int64))
     trainer = PlainTrainer(train, corpus.vocab.size)
@@ -75,6 +86,23 @@ def run_plain(path: Path, seconds: float) -> float:
     trainer.train_for(seconds - (time.perf_counter() - began) - evaluation)
     net = plain_as_charrnn(trainer, corpus.vocab.size)
     return evaluate_ids(net, [corpus.val]).bpc
+
+
+def run_both(
+    path: Path, budget: str, out: Path, no_plain: bool, side_by_side: bool
+) -> tuple[list[object], str, object]:
+    """charlstm's cells and sample, and the plain loop's bpc: one after the other on every core,
+    or at once on a core each."""
+    cores = (0, 1) if side_by_side else (None, None)
+    with ThreadPoolExecutor(2) as pool:
+        ours = pool.submit(run_ours, path, budget, out, cores[0])
+        if not side_by_side:
+            ours.result()
+        plain = None
+        if not no_plain:
+            plain = pool.submit(in_fresh_process, run_plain, path, parse_duration(budget), cores[1])
+        cells, sample = ours.result()
+        return cells, sample, "-" if plain is None else plain.result()
 
 
 def unigram_bits(path: Path) -> float:
@@ -90,6 +118,11 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["90s", "5m"])
     parser.add_argument("--corpora", nargs="+", default=list(SUITE), choices=SUITE)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run charlstm and the plain loop at once, one core and one thread each",
+    )
     args = parser.parse_args()
     rows, samples = [], []
     with tempfile.TemporaryDirectory() as work:
@@ -98,10 +131,8 @@ def main() -> None:
             text = path.read_text(encoding="utf-8")
             size = f"{len(text) / 1e6:.2f} M chars, {len(set(text))} symbols"
             for budget in args.budgets:
-                ours, sample = run_ours(path, budget, Path(work) / f"{name}-{budget}")
-                plain = "-"
-                if not args.no_plain:
-                    plain = in_fresh_process(run_plain, path, parse_duration(budget))
+                out = Path(work) / f"{name}-{budget}"
+                ours, sample, plain = run_both(path, budget, out, args.no_plain, args.side_by_side)
                 rows.append([name, size, budget, *ours, plain, unigram_bits(path)])
                 samples.append(f"{name}, {budget}: {sample}")
                 print(rows[-1], file=sys.stderr)

@@ -8,11 +8,12 @@ import json
 import pytest
 
 from charlstm.config import (
-    MANY_EPOCHS,
     MANY_EPOCHS_DROPOUT,
     PRESET_MACHINE_SPEED,
     PRESETS,
     SECTION_OF,
+    SEVERAL_EPOCHS,
+    SEVERAL_EPOCHS_EVALUATIONS,
     DataConfig,
     DynamicEvalConfig,
     ModelConfig,
@@ -519,13 +520,15 @@ def test_preset_for_picks_the_preset_tuned_for_the_same_training(budget, speed_r
 @pytest.mark.parametrize(
     ("budget", "train_chars", "preset", "dropout", "words"),
     [
-        ("5m", 1_000_000, "5m", None, "its own regularisation"),  # 24 passes: as tuned
+        ("5m", 1_000_000, "5m", None, "best/ keeps the best weights"),  # 24 passes
         ("5m", 100_000_000, "5m", None, "its own regularisation"),  # a quarter of a pass
         ("5m", 200_000, "5m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 120
         ("1m", 100_000, "1m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 48
+        ("1m", 1_000_000, "1m", None, "its own regularisation"),  # 4.8 passes: as tuned
+        ("1m", 500_000, "1m", None, "best/ keeps the best weights"),  # 9.6 passes
         ("1m", 100_000_000, "1m", None, "its own regularisation"),  # no dropout to drop
         ("20m", 3_000_000, "20m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 32
-        ("20m", 5_000_000, "20m", None, "its own regularisation"),  # 19 passes
+        ("20m", 50_000_000, "20m", None, "its own regularisation"),  # 1.9 passes
     ],
 )  # fmt: skip
 def test_choose_preset_fits_regularisation_to_how_often_the_budget_reads_the_text(
@@ -539,12 +542,15 @@ def test_choose_preset_fits_regularisation_to_how_often_the_budget_reads_the_tex
     epochs = seconds * PRESET_MACHINE_SPEED / train_chars
     assert f"about {epochs:.3g} times" in choice.reason
     config = RunConfig().with_overrides(choice.settings).validate()
-    if epochs > MANY_EPOCHS:  # about ten evaluations in the run, so best/ keeps the best
-        steps = seconds * PRESET_MACHINE_SPEED / (config.train.batch_size * config.train.seq_len)
-        assert config.train.eval_every == round(steps / 10)
-        assert f"an evaluation every {config.train.eval_every} steps" in choice.reason
+    steps = seconds * PRESET_MACHINE_SPEED / (config.train.batch_size * config.train.seq_len)
+    as_preset = RunConfig().with_overrides({"preset": preset}).train.eval_every
+    if epochs > SEVERAL_EPOCHS:  # at least ten evaluations in the run, so best/ keeps the best
+        often = round(steps / SEVERAL_EPOCHS_EVALUATIONS)
+        assert config.train.eval_every == min(often, as_preset)
+        if often < as_preset:
+            assert f"an evaluation every {often} steps" in choice.reason
     else:
-        assert "eval_every" not in choice.settings
+        assert config.train.eval_every == as_preset
 
 
 def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():

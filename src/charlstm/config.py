@@ -458,13 +458,14 @@ def preset_for(budget_seconds: float, chars_per_second: float) -> str:
     return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
 
 
-# Passes over the training text that a budget reads above which a preset's network memorises
-# the text part-way through the run unless regularised harder (README: the corpus suite).
+# Passes over the training text that a budget reads above which the best weights may come
+# before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times to keep them in
+# best/; and above which a preset's network memorises the text part-way through the run unless
+# regularised harder, with at least MANY_EPOCHS_DROPOUT (README: the corpus suite).
+SEVERAL_EPOCHS = 6.0
+SEVERAL_EPOCHS_EVALUATIONS = 10
 MANY_EPOCHS = 30.0
-# The least dropout a run gets that reads its text more than MANY_EPOCHS times, and how many
-# times such a run evaluates (and may save a better best/).
 MANY_EPOCHS_DROPOUT = 0.5
-MANY_EPOCHS_EVALUATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -477,29 +478,29 @@ class PresetChoice:
 
 
 def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
-    """The preset for a budget on this machine (:func:`preset_for`), with its regularisation
-    fitted to how many times the budget reads a corpus of ``train_chars`` characters."""
+    """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
+    and its regularisation fitted to how many times the budget reads a corpus of
+    ``train_chars`` characters."""
     name = preset_for(budget_seconds, chars_per_second)
     epochs = budget_seconds * chars_per_second / max(train_chars, 1)
     settings: dict[str, Any] = {"preset": name}
-    dropout = PRESETS[name].get("dropout", ModelConfig.dropout)
+    fitted = []
     if epochs > MANY_EPOCHS:
+        dropout = PRESETS[name].get("dropout", ModelConfig.dropout)
         settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
-        # Memorising starts part-way: evaluate often enough for best/ to keep the best weights.
+        fitted.append(f"dropout {settings['dropout']:g}: a small text read many times is memorised")
+    if epochs > SEVERAL_EPOCHS:
         train = RunConfig().with_overrides(settings).train
         steps = budget_seconds * chars_per_second / (train.batch_size * train.seq_len)
-        settings["eval_every"] = max(1, round(steps / MANY_EPOCHS_EVALUATIONS))
-        fitted = (
-            f"dropout {settings['dropout']:g} and an evaluation every {settings['eval_every']} "
-            "steps: a small text read many times is memorised"
-        )
-    else:
-        fitted = "its own regularisation"
+        often = max(1, round(steps / SEVERAL_EPOCHS_EVALUATIONS))
+        if often < train.eval_every:
+            settings["eval_every"] = often
+            fitted.append(f"an evaluation every {often} steps, so best/ keeps the best weights")
     reason = (
         f"this machine trains the 5m settings at {chars_per_second:,.0f} chars/s "
         f"({chars_per_second / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned "
         f"on), so the budget reads the {train_chars:,} training characters about "
-        f"{epochs:.3g} times; {fitted}"
+        f"{epochs:.3g} times; {'; '.join(fitted) or 'its own regularisation'}"
     )
     return PresetChoice(name, settings, reason)
 
