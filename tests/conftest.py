@@ -7,8 +7,10 @@ or text the tests write. Tiny Shakespeare in ../shared is for the benchmarks onl
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -104,4 +106,69 @@ def trained_run(shakespeare_200k: Path, tmp_path_factory) -> Path:
     """A run directory holding a small LSTM trained for 60 steps (best/ and last/)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
     charlstm.train(tiny_config(shakespeare_200k, out), progress=False)
+    return out
+
+
+# ---- the real command in a subprocess ---------------------------------------------------------
+
+CLI_TIMEOUT = 120  # seconds; every command the tests run takes a few
+# Flags for a train command that takes about a second.
+FAST_TRAIN = [
+    "--max-steps", "2", "--embed-dim", "8", "--hidden-dim", "16", "--batch-size", "4",
+    "--seq-len", "16", "--eval-every", "2", "--device", "cpu", "--precision", "fp32",
+    "--sample-length", "0",
+]  # fmt: skip
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "cat", "sat", "on",
+         "mat")  # fmt: skip
+
+
+def cli_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a command under test: its own data cache, UTF-8 output."""
+    env = dict(os.environ, CHARLSTM_DATA_DIR=str(data_dir), PYTHONIOENCODING="utf-8")
+    # Block-buffered stdout, as in a user's shell pipeline (this sandbox sets it unbuffered).
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(
+    args: Sequence[object], data_dir: Path, cwd: Path, *, python: str | None = None
+) -> subprocess.CompletedProcess:
+    """``charlstm ARGS`` in a fresh process (or ``python -c PYTHON ARGS``, for a script that
+    changes something first and then runs the command's ``main``)."""
+    command = ["-c", python] if python else ["-m", "charlstm"]
+    return subprocess.run(
+        [sys.executable, *command, *map(str, args)],
+        capture_output=True, text=True, encoding="utf-8", env=cli_env(data_dir), cwd=cwd,
+        timeout=CLI_TIMEOUT,
+    )  # fmt: skip
+
+
+def refused(result: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
+    """The one ``error:`` line of a refused command, checked to hold ``words``."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+def write_text(path: Path, lines: int = 300, newline: str = "\n") -> Path:
+    """A small text of a dozen words, deterministic; ``newline=" "`` gives a one-line file."""
+    text = newline.join(
+        " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(10)) for i in range(lines)
+    )
+    path.write_text(text + newline.strip(" "), encoding="utf-8")
+    return path
+
+
+def train_tiny(data: Path, out: Path) -> Path:
+    """A run directory holding a model trained for two steps (about a second)."""
+    charlstm.train(
+        tiny_config(data, out, embed_dim=8, hidden_dim=16, n_layers=1, batch_size=4,
+                    seq_len=16, max_steps=2, eval_every=2, warmup_steps=0),
+        progress=False,
+    )  # fmt: skip
     return out

@@ -18,35 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import CLI_TIMEOUT, cli_env, run_cli
 
 import charlstm
 
-TIMEOUT = 120  # seconds; every command here takes a few
 # Flags that keep a training command tiny in case a check under test fails to stop it.
 FAST_TRAIN = [
     "--max-steps", "5", "--embed-dim", "16", "--hidden-dim", "32", "--batch-size", "8",
     "--seq-len", "32", "--eval-every", "5", "--device", "cpu", "--precision", "fp32",
     "--sample-length", "0",
 ]  # fmt: skip
-
-
-def cli_env(data_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, CHARLSTM_DATA_DIR=str(data_dir), PYTHONIOENCODING="utf-8")
-    # Block-buffered stdout, as in a user's shell pipeline (this sandbox sets it unbuffered).
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
-
-
-def run_cli(args: Sequence[object], data_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "charlstm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=cli_env(data_dir),
-        cwd=cwd,
-        timeout=TIMEOUT,
-    )
 
 
 def run_many(
@@ -71,7 +52,7 @@ def test_version(isolated_data_dir, tmp_path):
     if not script.exists():
         pytest.skip("console script not installed next to the interpreter")
     result = subprocess.run(
-        [str(script), "--version"], capture_output=True, text=True, timeout=TIMEOUT
+        [str(script), "--version"], capture_output=True, text=True, timeout=CLI_TIMEOUT
     )
     assert result.returncode == 0
     assert result.stdout == f"charlstm {charlstm.__version__}\n"
@@ -95,7 +76,7 @@ def test_help_usage_mistakes_and_rejected_settings_answer_before_torch_loads(tmp
     commands = ["--help", "train --help", "train --bogus", "train --lr 0", "sample x --top-p 2"]
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, *commands],
-        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+        capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=tmp_path,
     )  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if not line.startswith("error:")]
     codes = [0, 0, 2, 2, 2]
@@ -106,7 +87,7 @@ def test_help_usage_mistakes_and_rejected_settings_answer_before_torch_loads(tmp
     # sees torch when it is there).
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, f"sample {tmp_path}"],
-        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+        capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=tmp_path,
     )  # fmt: skip
     assert result.stderr.splitlines()[-1] == f"sample {tmp_path}: exit 2, torch loaded: True"
 
@@ -294,7 +275,7 @@ def test_sample_into_a_closed_pipe_exits_quietly(trained_run, isolated_data_dir,
             text=True,
             env=cli_env(isolated_data_dir),
             cwd=tmp_path,
-            timeout=TIMEOUT,
+            timeout=CLI_TIMEOUT,
         )  # fmt: skip
     finally:
         os.close(write_end)
@@ -319,7 +300,7 @@ def test_sample_stops_quietly_when_the_reader_leaves_early(
         head = process.stdout.read(10)
         process.stdout.close()
         stderr = process.stderr.read().decode("utf-8")
-        returncode = process.wait(timeout=TIMEOUT)
+        returncode = process.wait(timeout=CLI_TIMEOUT)
     finally:
         process.kill()
         process.wait()

@@ -9,6 +9,7 @@ import pytest
 
 from charlstm.config import (
     MANY_EPOCHS_DROPOUT,
+    MAX_CONFIG_BYTES,
     PRESET_MACHINE_SPEED,
     PRESETS,
     SECTION_OF,
@@ -256,6 +257,76 @@ def test_load_config_file_directory_is_a_clear_error(tmp_path):
         load_config_file(tmp_path)
 
 
+def test_load_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    """A file saved in Latin-1 (say) gets one line with the offset, not a UnicodeDecodeError."""
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"hidden-dim = 64\n# caf\xe9\n")
+    assert error_of(lambda: load_config_file(path)) == (
+        f"config file {path} is not UTF-8 text: byte 0xe9 at offset 21 does not decode; "
+        "save it as UTF-8"
+    )
+
+
+def test_load_config_file_skips_a_byte_order_mark(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM; it is no part of the settings, and an
+    offset past it still counts it."""
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xef\xbb\xbfhidden-dim = 64\n")
+    assert load_config_file(path) == {"hidden_dim": 64}
+    path.write_bytes(b"\xef\xbb\xbfa\xff")
+    assert "byte 0xff at offset 4" in error_of(lambda: load_config_file(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "first", "second"),
+    [
+        ("[model]\nhidden_dim = 32\nhidden-dim = 64\n", "model.hidden_dim", "model.hidden-dim"),
+        ("hidden-dim = 32\n[model]\nhidden_dim = 64\n", "hidden-dim", "model.hidden_dim"),
+        ("lr = 0.1\n[train]\nlr = 0.2\n", "lr", "train.lr"),
+    ],
+)
+def test_load_config_file_refuses_a_setting_given_twice(tmp_path, text, first, second):
+    """Two spellings of one setting: refused naming both, rather than the last silently winning."""
+    path = write_toml(tmp_path, text)
+    name = first.rsplit(".", 1)[-1].replace("_", "-")
+    assert error_of(lambda: load_config_file(path)) == (
+        f"config file {path} sets {name} twice, as {first!r} and {second!r}: keep one"
+    )
+
+
+def test_load_config_file_refuses_a_file_far_too_large_to_be_settings(tmp_path):
+    """/dev/zero or a corpus given by mistake is read no further than a settings file can be."""
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    assert "is over 1024 KB: not a settings file" in error_of(lambda: load_config_file(path))
+
+
+def test_resume_with_overwrite_is_refused_and_each_alone_is_fine():
+    for resume in ("runs/a", "auto"):
+        config = RunConfig().with_overrides({"resume": resume, "overwrite": True})
+        assert "--overwrite replaces one: give one of them" in error_of(config.validate)
+        RunConfig().with_overrides({"resume": resume}).validate()
+    RunConfig().with_overrides({"overwrite": True}).validate()
+
+
+def test_seed_bounds_are_accepted():
+    RunConfig().with_overrides({"seed": 0}).validate()
+    RunConfig().with_overrides({"seed": 2**63 - 1}).validate()
+    SampleConfig(seed=2**63 - 1).validate()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"cell": "gru", "n_layers": 3, "head_input": "last"}, {"cell": "rnn", "embed_dim": 7}],
+)
+def test_parameter_count_is_the_networks(settings):
+    """The arithmetic that refuses absurd sizes before building agrees with the network."""
+    from charlstm.model import CharRNN
+
+    config = ModelConfig(**settings)
+    assert config.parameter_count(50) == CharRNN(config, 50).num_parameters()
+
+
 def test_time_budget_as_toml_number(tmp_path):
     """The help text offers `90` as a budget; written as a TOML number it should work too."""
     path = write_toml(tmp_path, "time-budget = 90\n")
@@ -279,7 +350,7 @@ RUN_CONFIG_ERRORS = [
     ({"n_layers": -1}, "--n-layers must be at least 1"),
     ({"dropout": 1.0}, "--dropout must be in [0, 1)"),
     ({"dropout": -0.1}, "--dropout must be in [0, 1)"),
-    ({"dropout": float("nan")}, "--dropout must be in [0, 1)"),
+    ({"dropout": float("nan")}, "--dropout must be a finite number, got nan"),
     ({"weight_dropout": 1.0}, "--weight-dropout must be in [0, 1)"),
     ({"weight_dropout": -0.1}, "--weight-dropout must be in [0, 1)"),
     ({"recurrent_dropout": 1.0}, "--recurrent-dropout must be in [0, 1)"),
@@ -311,6 +382,24 @@ RUN_CONFIG_ERRORS = [
     ({"max_steps": 0}, "--max-steps must be at least 1"),
     ({"max_epochs": 0.0}, "--max-epochs must be above 0"),
     ({"sample_length": -1}, "--sample-length must not be negative"),
+    ({"seed": -1}, "--seed must be in [0, 2**63) (a 64-bit seed), got -1"),
+    ({"seed": 2**70}, f"--seed must be in [0, 2**63) (a 64-bit seed), got {2**70}"),
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
+    ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    ({"muon_lr": float("inf")}, "--muon-lr must be a finite number, got inf"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a finite number, got inf"),
+    ({"grad_clip": float("nan")}, "--grad-clip must be a finite number, got nan"),
+    ({"beta2": float("nan")}, "--beta2 must be a finite number, got nan"),
+    ({"ema": float("nan")}, "--ema must be a finite number, got nan"),
+    ({"min_lr_ratio": float("nan")}, "--min-lr-ratio must be a finite number, got nan"),
+    ({"max_epochs": float("inf")}, "--max-epochs must be a finite number, got inf"),
+    ({"val_fraction": float("nan")}, "--val-fraction must be a finite number, got nan"),
+    ({"weight_dropout": float("inf")}, "--weight-dropout must be a finite number, got inf"),
+    ({"recurrent_dropout": float("nan")}, "--recurrent-dropout must be a finite number, got nan"),
+    (
+        {"resume": "runs/a", "overwrite": True},
+        "--resume runs/a continues a run and --overwrite replaces one: give one of them, not both",
+    ),
     (
         {"time_budget": "soon"},
         "--time-budget 'soon' is not a positive duration such as 90, 90s, 5m or 1h",
@@ -370,8 +459,11 @@ def test_validate_boundaries_are_accepted():
         ({"length": -1}, "--length must be at least 1, got -1"),
         ({"length": 0}, "--length must be at least 1, got 0"),
         ({"temperature": -0.5}, "--temperature must be 0 (greedy) or positive, got -0.5"),
-        ({"temperature": float("inf")}, "--temperature must be 0 (greedy) or positive, got inf"),
-        ({"temperature": float("nan")}, "--temperature must be 0 (greedy) or positive, got nan"),
+        ({"temperature": float("inf")}, "--temperature must be a finite number, got inf"),
+        ({"temperature": float("nan")}, "--temperature must be a finite number, got nan"),
+        ({"top_p": float("nan")}, "--top-p must be a finite number, got nan"),
+        ({"seed": -1}, "--seed must be in [0, 2**63) (a 64-bit seed), got -1"),
+        ({"seed": 2**63}, f"--seed must be in [0, 2**63) (a 64-bit seed), got {2**63}"),
         ({"top_k": -1}, "--top-k must be 0 (off) or positive, got -1"),
         ({"top_p": 0.0}, "--top-p must be in (0, 1], got 0.0"),
         ({"top_p": 1.01}, "--top-p must be in (0, 1], got 1.01"),
@@ -387,7 +479,19 @@ def test_sample_config_validate_errors(settings, message):
     ("settings", "message"),
     [
         ({"dynamic_lr": -1e-4}, "--dynamic-lr must be 0 or positive, got -0.0001"),
-        ({"dynamic_lr": float("nan")}, "--dynamic-lr must be 0 or positive, got nan"),
+        ({"dynamic_lr": float("nan")}, "--dynamic-lr must be a finite number, got nan"),
+        ({"dynamic_lr": float("inf")}, "--dynamic-lr must be a finite number, got inf"),
+        (
+            {"dynamic_lr": 1e300},
+            "--dynamic-lr must be at most 1, got 1e+300: a step moves every weight by about "
+            "this much (0.0003 is typical)",
+        ),
+        ({"dynamic_decay": float("nan")}, "--dynamic-decay must be a finite number, got nan"),
+        (
+            {"dynamic_segment": 10**8},
+            "--dynamic-segment must be at most 10,000, got 100,000,000: each update "
+            "backpropagates through the whole segment",
+        ),
         ({"dynamic_decay": -0.1}, "--dynamic-decay must be in [0, 1], got -0.1"),
         ({"dynamic_decay": 1.5}, "--dynamic-decay must be in [0, 1], got 1.5"),
         ({"dynamic_segment": 0}, "--dynamic-segment must be at least 1, got 0"),
@@ -401,6 +505,7 @@ def test_dynamic_eval_config_boundaries_are_accepted():
     DynamicEvalConfig().validate()
     DynamicEvalConfig(dynamic_lr=0.0, dynamic_decay=0.0, dynamic_segment=1).validate()
     DynamicEvalConfig(dynamic_decay=1.0).validate()
+    DynamicEvalConfig(dynamic_lr=1.0, dynamic_segment=10_000).validate()
 
 
 def test_sample_config_boundaries_are_accepted():

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import json
 import os
@@ -316,17 +317,23 @@ utf8_pieces = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(content=utf8_pieces, block=st.integers(1, 9))
+@example(content=codecs.BOM_UTF8 + b"a\xff", block=1)
+@example(content=codecs.BOM_UTF8 + codecs.BOM_UTF8, block=2)
 def test_blockwise_utf8_matches_whole_file_decoding(tmp_path_factory, content, block):
-    """For any bytes and block size: the same text, or the same error offset, as bytes.decode."""
+    """For any bytes and block size: the same text, or the same error offset, as bytes.decode
+    (after a leading byte-order mark, which is not text)."""
     path = tmp_path_factory.mktemp("utf8") / "t.txt"
     path.write_bytes(content)
+    body = content.removeprefix(codecs.BOM_UTF8)
+    skipped = len(content) - len(body)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data_module, "_BLOCK_BYTES", block)
         try:
-            expected = content.decode("utf-8")
+            expected = body.decode("utf-8")
         except UnicodeDecodeError as e:
+            at = skipped + e.start
             message = error_of(lambda: read_all(path, "utf-8"))
-            assert message.startswith(utf8_error(path, e.start, content[e.start]))
+            assert message.startswith(utf8_error(path, at, content[at]))
         else:
             assert read_all(path, "utf-8").tolist() == [ord(c) for c in expected]
 
@@ -380,6 +387,52 @@ def test_error_offset_counts_the_byte_order_mark(tmp_path):
     assert error_of(lambda: read_all(path, "utf-8-sig")).startswith(
         f"{path}: not valid utf-8-sig at byte 5 (0xff)"
     )
+
+
+# --- a UTF-8 byte-order mark ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, BLOCK])
+def test_a_utf8_byte_order_mark_starts_a_file_but_is_not_its_text(tmp_path, monkeypatch, block):
+    """Dropped at the start of the file however the reads fall (a pipe may hand over one byte
+    at a time), as Python's utf-8-sig does; a U+FEFF later in the text is text and stays."""
+    monkeypatch.setattr(data_module, "_BLOCK_BYTES", block)
+    text = "hello\nwor\ufeffld\n" * 3
+    path = tmp_path / "bom.txt"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    assert read_all(path, "utf-8").tolist() == [ord(c) for c in text]
+    path.write_bytes(codecs.BOM_UTF8)  # the mark alone: an empty text
+    assert read_all(path, "utf-8").tolist() == []
+
+
+def test_a_byte_order_mark_is_no_symbol_of_the_vocabulary(tmp_path):
+    """Each file's own mark is dropped (a directory of files saved by Notepad), so U+FEFF is
+    not a symbol and the text is the same, fingerprint included, as without the marks."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "marked").mkdir(exist_ok=True)
+        (tmp_path / "marked" / name).write_bytes(codecs.BOM_UTF8 + b"abc abd\n" * 20)
+        (tmp_path / "plain").mkdir(exist_ok=True)
+        (tmp_path / "plain" / name).write_bytes(b"abc abd\n" * 20)
+    marked, plain = load(tmp_path / "marked"), load(tmp_path / "plain")
+    assert 0xFEFF not in marked.vocab.codepoints
+    assert whole_text(marked) == whole_text(plain)
+    assert marked.fingerprint == plain.fingerprint
+
+
+def test_a_byte_order_mark_on_standard_input_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_stdin_read", [])
+    source = tmp_path / "piped.txt"
+    source.write_bytes(codecs.BOM_UTF8 + b"piped text\n" * 30)
+    with open(source, encoding="utf-8") as stream:
+        monkeypatch.setattr(sys, "stdin", stream)
+        corpus = load_corpus(DataConfig(data=["-"]))
+    assert whole_text(corpus) == "piped text\n" * 30
+
+
+def test_an_error_offset_counts_a_dropped_byte_order_mark(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(codecs.BOM_UTF8 + b"ab\xff")
+    assert error_of(lambda: read_all(path, "utf-8")).startswith(utf8_error(path, 5, 0xFF))
 
 
 @pytest.mark.parametrize(
@@ -818,6 +871,94 @@ def test_large_corpus_is_cached_and_memory_mapped(tmp_path, monkeypatch):
     assert whole_text(changed) == text + "line 0\n"
     assert len(set(cache.glob("*")) - before) == 4
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def no_temporary_files(directory) -> bool:
+    return not directory.exists() or not [p for p in directory.rglob("*") if ".tmp" in p.name]
+
+
+def test_an_encoded_cache_that_cannot_be_made_leaves_the_corpus_in_memory(
+    tmp_path, monkeypatch, capsys
+):
+    """A cache directory that cannot be created (here, below a file) costs the cache, not the
+    run: the corpus is encoded in memory, with one line that says so and what to do."""
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 100)
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    monkeypatch.setenv("CHARLSTM_DATA_DIR", str(tmp_path / "a-file" / "cache"))
+    text = "abc abd\n" * 100
+    (tmp_path / "large.txt").write_text(text, encoding="utf-8")
+    corpus = load(tmp_path / "large.txt")
+    assert not isinstance(corpus.train, np.memmap)
+    assert whole_text(corpus) == text
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"warning: cannot cache the encoded corpus in {tmp_path / 'a-file' / 'cache' / 'encoded'} "
+        "(Not a directory); encoding it in memory instead (set CHARLSTM_DATA_DIR to a writable "
+        "directory to cache it)"
+    )
+
+
+def fail_allocation(fd, offset, length):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_fails_before_encoding_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch, capsys
+):
+    """The cache file is allocated in full first, so a full disk is an OSError at once (never
+    a bus error in a mapping later); the .npy.tmp is removed and the corpus held in memory."""
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 100)
+    monkeypatch.setattr(os, "posix_fallocate", fail_allocation, raising=False)
+    monkeypatch.setenv("CHARLSTM_DATA_DIR", str(tmp_path / "cache"))  # its own, to list it
+    encoded = []
+    blocks = data_module._encoded_blocks
+    monkeypatch.setattr(
+        data_module, "_encoded_blocks", lambda *a, **k: encoded.append(1) or blocks(*a, **k)
+    )
+    text = "abc abd\n" * 100
+    (tmp_path / "large.txt").write_text(text, encoding="utf-8")
+    corpus = load(tmp_path / "large.txt")
+    assert whole_text(corpus) == text
+    assert encoded == [1]  # encoded once, in memory: the cache file failed before any encoding
+    assert "(No space left on device); encoding it in memory" in capsys.readouterr().err
+    assert no_temporary_files(data_dir())
+    assert not list((data_dir() / "encoded").glob("*.npy"))
+
+
+def test_a_cache_that_cannot_be_written_nor_held_in_memory_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 100)
+    monkeypatch.setattr(os, "posix_fallocate", fail_allocation, raising=False)
+    monkeypatch.setenv("CHARLSTM_DATA_DIR", str(tmp_path / "cache"))  # its own, to list it
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1000)
+    (tmp_path / "large.txt").write_text("abc abd\n" * 1000, encoding="utf-8")
+    message = error_of(lambda: load(tmp_path / "large.txt"))
+    assert message == (
+        f"cannot write the encoded corpus to {data_dir() / 'encoded'}: No space left on device, "
+        "and its 0 MB would not fit in memory (0 MB available): free some space, or set "
+        "CHARLSTM_DATA_DIR to another directory"
+    )
+    assert no_temporary_files(data_dir())
+
+
+def test_a_damaged_encoded_cache_is_written_again(tmp_path, monkeypatch):
+    """A cache cut short (a crash, a full disk elsewhere) is never mapped past its end."""
+    monkeypatch.setattr(data_module, "_MMAP_THRESHOLD_BYTES", 100)
+    text = "abc abd\n" * 100
+    (tmp_path / "large.txt").write_text(text, encoding="utf-8")
+    corpus = load(tmp_path / "large.txt")
+    group = data_module.resolve_sources([str(tmp_path / "large.txt")], "utf-8")
+    cache = data_module._cache_path(group, corpus.vocab)
+    del corpus  # unmapped
+    with open(cache, "r+b") as f:
+        f.truncate(cache.stat().st_size // 2)
+    again = load(tmp_path / "large.txt")
+    assert isinstance(again.train, np.memmap)
+    assert whole_text(again) == text
+
+
+def test_available_memory_is_a_positive_number_here():
+    available = data_module.available_memory()
+    assert available is None or available > 0
 
 
 def test_memory_mapped_explicit_val_data(tmp_path, monkeypatch):

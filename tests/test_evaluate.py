@@ -4,14 +4,17 @@ dynamic_evaluate_ids: the same stream read by a model that keeps learning."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import refused, run_cli, train_tiny, write_text
 
 import charlstm
+from charlstm import cli
 from charlstm.config import DynamicEvalConfig, ModelConfig
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
@@ -300,3 +303,62 @@ def test_dynamic_too_short_or_out_of_range():
         dynamic_evaluate_ids(net, [markov_ids(1)], DynamicEvalConfig())
     with pytest.raises(CharLSTMError, match="--dynamic-segment must be at least 1"):
         dynamic_evaluate_ids(net, [markov_ids(9)], DynamicEvalConfig(dynamic_segment=0))
+
+
+# ---- `charlstm eval`: a changed training text, and results JSON cannot hold -------------------
+
+
+@pytest.fixture
+def own_run(tmp_path) -> tuple:
+    """A tiny run on a text of its own, which a test may change."""
+    text = write_text(tmp_path / "corpus.txt")
+    return train_tiny(text, tmp_path / "run"), text
+
+
+def test_eval_refuses_the_validation_split_of_a_training_text_that_changed(
+    own_run, isolated_data_dir, tmp_path, capsys
+):
+    """Without --data, eval re-reads the training files: once they changed (the recorded
+    fingerprint differs), their last tenth is no longer what the model held out."""
+    run, text = own_run
+    assert cli.main(["eval", str(run), "--json"]) == 0  # unchanged: scored
+    assert json.loads(capsys.readouterr().out)["characters"] > 0
+    with open(text, "a", encoding="utf-8") as f:
+        f.write("a line added after training\n")
+    result = run_cli(["eval", run], isolated_data_dir, tmp_path)
+    refused(result, f"the training text ({text}) changed since the model was trained on it",
+            "give --data FILE to score other text")  # fmt: skip
+    assert result.stdout == ""
+    with pytest.raises(CharLSTMError, match="changed since the model was trained on it"):
+        charlstm.load(str(run)).evaluate_validation()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_eval_json_has_no_infinity_an_overflowed_perplexity_is_null(
+    own_run, monkeypatch, capsys, dynamic
+):
+    run, text = own_run
+    monkeypatch.setattr(charlstm.CharLM, "evaluate_files", lambda *a, **k: EvalResult(800.0, 10))
+    argv = ["eval", str(run), "--data", str(text), "--json"] + (["--dynamic"] if dynamic else [])
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    values = json.loads(out, parse_constant=refuse)
+    assert values["loss"] == 800.0 and values["perplexity"] is None
+    assert values["dynamic"] is dynamic
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_eval_of_a_loss_that_is_not_a_number_is_one_line(own_run, monkeypatch, capsys, json_flag):
+    run, text = own_run
+    monkeypatch.setattr(charlstm.CharLM, "evaluate_files", lambda *a, **k: EvalResult(math.nan, 10))
+    assert cli.main(["eval", str(run), "--data", str(text), *json_flag]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"error: the loss of {text} came out as nan (the model's predictions overflowed): try an "
+        "earlier checkpoint of the run\n"
+    )

@@ -46,12 +46,17 @@ def test_forward_and_backward_shapes(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_forward_accepts_its_own_state(cell):
+def test_forward_accepts_its_own_state_and_an_empty_chunk_keeps_it(cell):
     net = tiny_net(cell)
     _, state = net(random_ids(2, 5))
     logits2, state2 = net(random_ids(2, 3), state)
     assert logits2.shape == (2, 3, VOCAB)
     assert [s.shape for s in state2] == [s.shape for s in state]
+    logits, same = net(random_ids(2, 0), state)
+    assert logits.shape == (2, 0, VOCAB)
+    assert all(torch.equal(a, b) for a, b in zip(same, state, strict=True))
+    _, zeros = net(random_ids(2, 0))
+    assert all(not s.any() and s.shape == (2, 2, 10) for s in zeros)
 
 
 @pytest.mark.parametrize("cell", CELLS)

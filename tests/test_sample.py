@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import refused, run_cli, train_tiny, write_text
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -299,14 +301,15 @@ def test_prompt_is_read_in_one_pass_then_one_step_per_character(num_samples):
         steps = generate_ids(net, PROMPT, length, num_samples=num_samples, seed=0, fast=False)
         assert calls == []  # nothing runs before the first id is asked for
         first = next(steps)
-        assert calls == [((num_samples, len(PROMPT)), False)]
+        # Read once whatever the number of samples: each starts from the same state.
+        assert calls == [((1, len(PROMPT)), False)]
         assert first.shape == (num_samples,)
         rest = list(steps)
     finally:
         handle.remove()
     assert len(rest) == length - 1
     assert len(calls) == 1 + (length - 1)
-    assert calls[0] == ((num_samples, len(PROMPT)), False)
+    assert calls[0] == ((1, len(PROMPT)), False)
     assert all(call == ((num_samples, 1), True) for call in calls[1:])
 
 
@@ -320,7 +323,7 @@ def test_each_step_feeds_back_the_id_it_yielded():
         )
     finally:
         handle.remove()
-    assert torch.equal(fed[0], PROMPT.expand(2, -1))
+    assert torch.equal(fed[0], PROMPT.view(1, -1))  # read once for both samples
     assert torch.equal(torch.cat(fed[1:], dim=1), out[:, :-1])
 
 
@@ -415,3 +418,46 @@ def test_stepping_records_no_autograd_graph_between_characters():
     state = steps.gi_frame.f_locals["step"].state
     assert torch.is_grad_enabled()
     assert not any(part.requires_grad for part in state)
+
+
+# ---- the default prompt ----------------------------------------------------------------------
+
+
+def test_long_prompts_are_read_in_pieces_with_the_state_carried(monkeypatch):
+    """A prompt longer than MAX_LOGITS / vocabulary is read piece by piece: the same ids follow
+    as from reading it in one pass, and no call holds more than that many logits."""
+    net = tiny_net()
+    prompt = torch.tensor([1, 4, 2, 7, 3, 0, 8, 6, 5, 2, 2, 1] * 3)
+    whole = collect(generate_ids(net, prompt, 20, temperature=0))
+    sample_module = importlib.import_module("charlstm.sample")
+    monkeypatch.setattr(sample_module, "MAX_LOGITS", 5 * VOCAB)
+    shapes = []
+    handle = net.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        pieces = collect(generate_ids(net, prompt, 20, num_samples=3, temperature=0, fast=False))
+    finally:
+        handle.remove()
+    assert shapes[:8] == [(1, 5)] * 7 + [(1, 1)]  # 36 ids: seven pieces of five, then one
+    assert all(torch.equal(row, whole[0]) for row in pieces)
+
+
+def test_the_default_prompt_samples_a_model_trained_on_one_line(isolated_data_dir, tmp_path):
+    """A text without a newline: `charlstm sample` with no --prompt starts from the model's
+    stand-in for one instead of refusing a character the user never typed."""
+    text = write_text(tmp_path / "one-line.txt", newline=" ")
+    assert "\n" not in text.read_text(encoding="utf-8")
+    run = train_tiny(text, tmp_path / "run")
+    result = run_cli(["sample", run, "--length", "30", "--seed", "1"], isolated_data_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert len(result.stdout) == 31 and result.stdout.endswith("\n")
+    # Any other prompt the model cannot read is still refused, naming its characters.
+    result = run_cli(["sample", run, "--prompt", "\t"], isolated_data_dir, tmp_path)
+    refused(result, "prompt contains characters not in the model's vocabulary: '\\t'")
+
+
+def test_sample_help_says_where_the_default_prompt_starts():
+    from charlstm.cli import build_parser
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    assert "model whose training text had no newline" in " ".join(sample.format_help().split())

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import charlstm
 from charlstm import CharLSTMError
 from charlstm.data import Corpus
+from charlstm.runlock import LOCK_FILE
 from charlstm.train import loss_and_grads
 
 LN2 = math.log(2)
@@ -104,7 +105,8 @@ def test_a_few_hundred_steps_learn_well_below_the_unigram_entropy(shakespeare_20
 def test_run_directory_holds_best_and_last_with_resume_state_only_in_last(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"best", "last", "metrics.jsonl"} <= names
-    assert not [n for n in names if n.startswith(".")], "temporary checkpoint dirs left behind"
+    hidden = [n for n in names if n.startswith(".") and n != LOCK_FILE]
+    assert not hidden, "temporary checkpoint dirs left behind"
     best = {p.name for p in (trained_run / "best").iterdir()}
     last = {p.name for p in (trained_run / "last").iterdir()}
     assert best == {"config.json", "model.safetensors"}
@@ -162,7 +164,8 @@ def test_an_existing_run_directory_is_refused_and_overwrite_replaces_it(shakespe
     config = tiny_config(shakespeare_200k, out, max_steps=5, overwrite=True)
     result = charlstm.train(config, progress=False)
     assert result.steps == 5
-    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl"]
+    listing = sorted(p.name for p in out.iterdir())
+    assert listing == [".lock", "best", "curves.png", "last", "metrics.jsonl"]
     assert [r["step"] for r in read_metrics(out)] == [5]  # the one final evaluation
 
 
@@ -356,8 +359,9 @@ def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path
 def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     budget = 3.0
+    # Small batches: a loaded machine still fits the fewest steps a budget must train.
     config = tiny_config(
-        shakespeare_200k, out, max_steps=None, time_budget="3s", eval_every=100_000
+        shakespeare_200k, out, max_steps=None, time_budget="3s", eval_every=100_000, batch_size=4
     )
     began = time.monotonic()
     result = charlstm.train(config, progress=False)

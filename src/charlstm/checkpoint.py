@@ -15,11 +15,16 @@ checkpoint that :func:`resolve_checkpoint` finds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
+import stat
+import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ import torch
 from charlstm.config import RunConfig
 from charlstm.data import Vocab
 from charlstm.errors import CharLSTMError
+from charlstm.model import weight_shapes
 
 FORMAT = "charlstm-checkpoint"
 FORMAT_VERSION = 1
@@ -39,8 +45,15 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RESUME_TENSORS_FILE = "resume.safetensors"
 RESUME_JSON_FILE = "resume.json"
+FILES_KEY = "files"  # in config.json: each other file's size and SHA-256
 _ASIDE = ".{}.old"  # where the previous checkpoint waits while the new one is renamed in
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, or torch.save's zip archive
+# safetensors' own limit on the JSON header; config.json and resume.json are far smaller.
+MAX_HEADER_BYTES = 100_000_000
+MAX_JSON_BYTES = 64 << 20
+WEIGHT_DTYPES = frozenset({"F64", "F32", "BF16", "F16"})  # floating point: what a network learns
+# A reader that meets a checkpoint being replaced reads it again, this many times at most.
+READ_ATTEMPTS = 20
 
 
 @dataclass
@@ -77,12 +90,24 @@ def write_checkpoint(
         "versions": _versions(),
     }
     _remove_stale_temporaries(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent))
     try:
-        _write_file(tmp / WEIGHTS_FILE, _tensor_bytes(weights))
-        if resume_tensors is not None:
-            _write_file(tmp / RESUME_TENSORS_FILE, _tensor_bytes(resume_tensors))
-            _write_file(tmp / RESUME_JSON_FILE, json.dumps(resume_json, indent=1).encode())
+        # Not tempfile.mkdtemp: its 0700 mode would hide the checkpoint from other users.
+        tmp = parent / (_tmp_prefix(directory) + secrets.token_hex(6))
+        tmp.mkdir()
+    except OSError as e:
+        raise CharLSTMError(f"cannot write checkpoint {directory}: {e.strerror or e}") from None
+    files = {WEIGHTS_FILE: _tensor_bytes(weights)}
+    if resume_tensors is not None:
+        files[RESUME_TENSORS_FILE] = _tensor_bytes(resume_tensors)
+        files[RESUME_JSON_FILE] = json.dumps(resume_json, indent=1).encode()
+    # What config.json records of the other files: a changed byte is an error, never a model.
+    document[FILES_KEY] = {
+        name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in files.items()
+    }
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
         # config.json last: its presence in the final place marks a complete checkpoint.
         _write_file(tmp / CONFIG_FILE, _json_bytes(document))
         _fsync_dir(tmp)
@@ -92,7 +117,7 @@ def write_checkpoint(
             os.replace(directory, aside)
         os.replace(tmp, directory)
         _fsync_dir(parent)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
     except OSError as e:
         raise CharLSTMError(
             f"cannot write checkpoint {directory}: {e.strerror or e} "
@@ -116,33 +141,46 @@ def _tmp_prefix(directory: Path) -> str:
 def _remove_stale_temporaries(directory: Path) -> None:
     # Left by a writer killed mid-write; never a complete checkpoint, so safe to delete.
     for stale in directory.parent.glob(_tmp_prefix(directory) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a file or symbolic link (rmtree refuses a link)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def recover_checkpoint(directory: Path) -> None:
-    """Finish an interrupted replacement: bring the set-aside checkpoint back if needed."""
+    """Finish an interrupted replacement: bring the set-aside checkpoint back if needed.
+
+    Only the run's writer, holding its lock (:mod:`charlstm.runlock`), may call this; a
+    reader that finds a replacement half done reads the set-aside copy instead."""
     directory = Path(directory)
     aside = directory.parent / _ASIDE.format(directory.name)
-    if aside.exists():
+    if aside.exists() or aside.is_symlink():
         if (directory / CONFIG_FILE).exists():
-            shutil.rmtree(aside, ignore_errors=True)
+            _remove(aside)
         else:
-            shutil.rmtree(directory, ignore_errors=True)
+            _remove(directory)
             os.replace(aside, directory)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint path or a run directory (best/, else last/)."""
+    """A checkpoint directory from a checkpoint path or a run directory (best/, else last/).
+
+    Changes nothing on disk: a checkpoint that a live writer has just set aside to put a new
+    one in its place is found where it waits."""
     path = Path(path).expanduser()
-    recover_checkpoint(path)  # a checkpoint may be set aside by an interrupted replacement
-    if not path.exists():
+    if not path.exists() and not _aside(path).exists():
         raise CharLSTMError(
             f"{path} does not exist: give a run directory or a checkpoint directory"
         )
     for candidate in (path, path / "best", path / "last"):
-        recover_checkpoint(candidate)
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
+        found = readable_checkpoint(candidate)
+        if found is not None:
+            return found
     if path.is_file():
         raise CharLSTMError(
             f"{path} is a file; give the checkpoint directory that holds {CONFIG_FILE} "
@@ -151,10 +189,45 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CharLSTMError(f"{path} is not a charlstm checkpoint or run directory (no {CONFIG_FILE})")
 
 
+def readable_checkpoint(directory: Path) -> Path | None:
+    """``directory`` if it holds a whole checkpoint, else the copy of it that a replacement
+    set aside (still being replaced, or interrupted by a crash), else None."""
+    for place in (directory, _aside(directory)):
+        if (place / CONFIG_FILE).is_file():
+            return place
+    return None
+
+
+def _aside(directory: Path) -> Path:
+    return directory.parent / _ASIDE.format(directory.name)
+
+
+class _Replaced(Exception):
+    """A file of the checkpoint being read vanished: a writer replaced it meanwhile."""
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a checkpoint's configuration, vocabulary and weights onto the CPU."""
-    directory = resolve_checkpoint(path)
-    document = _read_json(directory / CONFIG_FILE)
+    """Load a checkpoint's configuration, vocabulary and weights onto the CPU.
+
+    The weight file's header is checked against config.json (names, shapes, floating-point
+    types) before its tensors are read, and the weights must be finite. Every file comes from
+    the same directory even if a live trainer replaces the checkpoint meanwhile."""
+    for attempt in range(READ_ATTEMPTS):
+        directory = resolve_checkpoint(path)
+        try:
+            with _Pinned(directory) as pinned:
+                return _read_pinned(pinned)
+        except _Replaced:
+            time.sleep(0.005 * (attempt + 1))
+    raise CharLSTMError(
+        f"{directory}: a file is missing, or the checkpoint was replaced {READ_ATTEMPTS} times "
+        "while being read; the checkpoint is incomplete"
+    )
+
+
+def _read_pinned(pinned: _Pinned) -> Checkpoint:
+    directory = pinned.path
+    document = _parse_json(pinned.read(CONFIG_FILE, MAX_JSON_BYTES), directory / CONFIG_FILE)
     if document.get("format") != FORMAT:
         raise CharLSTMError(f"{directory / CONFIG_FILE} is not a charlstm checkpoint configuration")
     version = document.get("format_version")
@@ -176,48 +249,239 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         config = RunConfig.from_dict(document["config"])
         vocab = Vocab.from_json(document["vocab"])
-    except (KeyError, TypeError, CharLSTMError) as e:
+    except (KeyError, TypeError, ValueError, CharLSTMError) as e:
         raise CharLSTMError(f"{directory / CONFIG_FILE} is malformed: {e}") from None
-    weights = read_tensors(directory / WEIGHTS_FILE)
+    weights_path = directory / WEIGHTS_FILE
+
+    def check(head: bytes, size: int) -> None:
+        _check_weight_header(weights_path, _tensor_header(head, size, weights_path), config, vocab)
+
+    recorded = _recorded(document, WEIGHTS_FILE, directory)
+    weights = _parse_tensors(
+        pinned.read(WEIGHTS_FILE, check=check, recorded=recorded), weights_path
+    )
+    for name, tensor in weights.items():
+        if not torch.isfinite(tensor).all():
+            raise CharLSTMError(
+                f"{weights_path}: weight {name} holds NaN or infinite values (a run that "
+                "diverged, or a damaged file); use an earlier checkpoint"
+            )
     info = {k: v for k, v in document.items() if k not in ("config", "vocab")}
     return Checkpoint(directory, config, vocab, weights, info)
 
 
 def read_resume_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The optimizer, RNG and data-position state saved beside a ``last/`` checkpoint."""
-    json_path = Path(directory) / RESUME_JSON_FILE
-    if not json_path.exists():
+    directory = Path(directory)
+    if not (directory / RESUME_JSON_FILE).exists():
         raise CharLSTMError(f"{directory} holds no resume state (only last/ checkpoints do)")
-    return read_tensors(Path(directory) / RESUME_TENSORS_FILE), _read_json(json_path)
+    tensors_path, json_path = directory / RESUME_TENSORS_FILE, directory / RESUME_JSON_FILE
+    try:
+        with _Pinned(directory) as pinned:
+            document = _parse_json(
+                pinned.read(CONFIG_FILE, MAX_JSON_BYTES), directory / CONFIG_FILE
+            )
+            data = pinned.read(
+                RESUME_TENSORS_FILE,
+                check=lambda head, size: _tensor_header(head, size, tensors_path),
+                recorded=_recorded(document, RESUME_TENSORS_FILE, directory),
+            )
+            text = pinned.read(
+                RESUME_JSON_FILE,
+                MAX_JSON_BYTES,
+                recorded=_recorded(document, RESUME_JSON_FILE, directory),
+            )
+    except _Replaced:
+        raise CharLSTMError(
+            f"{directory} is missing a file: the checkpoint is incomplete"
+        ) from None
+    return _parse_tensors(data, tensors_path), _parse_json(text, json_path)
+
+
+def _recorded(document: dict[str, Any], name: str, directory: Path) -> dict[str, Any] | None:
+    """The size and SHA-256 config.json records for file ``name`` (None: written before
+    checkpoints recorded them)."""
+    files = document.get(FILES_KEY)
+    if files is None:
+        return None
+    entry = files.get(name) if isinstance(files, dict) else None
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+    ):
+        raise CharLSTMError(f"{directory / CONFIG_FILE} is malformed: no valid record of {name}")
+    return entry
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file; anything else is refused before it is parsed."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CharLSTMError(f"{path} is missing: the checkpoint is incomplete") from None
-    except OSError as e:
-        raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
-    if not data:
-        raise CharLSTMError(f"{path} is empty: the checkpoint is damaged")
-    if data.startswith(_PICKLE_MAGIC):
-        raise CharLSTMError(
-            f"{path} is a pickle (torch.save) file, not safetensors; charlstm never unpickles "
-            "files because that can run arbitrary code"
-        )
+    """Tensors from a safetensors file, parsed as one whatever its first bytes; a file that is
+    not one is refused, and named as a pickle if it looks like one, never unpickled."""
+    path = Path(path)
+    with _Pinned(path.parent) as pinned:
+        try:
+            data = pinned.read(path.name, check=lambda head, size: _tensor_header(head, size, path))
+        except _Replaced:
+            raise CharLSTMError(f"{path} is missing: the checkpoint is incomplete") from None
+    return _parse_tensors(data, path)
+
+
+def _parse_tensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise CharLSTMError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+        raise _not_safetensors(path, data, _first_line(e)) from None
+
+
+def _tensor_header(head: bytes, size: int, path: Path) -> dict[str, Any]:
+    """The header of a safetensors file of ``size`` bytes from its first bytes ``head``, its
+    tensors' offsets checked to cover the file exactly, so nothing more is read in vain."""
+    if size < 8:
+        raise _not_safetensors(path, head, f"{size} bytes, shorter than any")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > min(MAX_HEADER_BYTES, size - 8) or len(head) < 8 + length:
+        raise _not_safetensors(path, head, f"a header of {length:,} bytes in {size:,}")
+    try:
+        header = json.loads(head[8 : 8 + length].decode("utf-8"))
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        ends = [int(entry["data_offsets"][1]) for entry in tensors.values()]
+    except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise _not_safetensors(path, head, f"unreadable header: {_first_line(e)}") from None
+    if 8 + length + max(ends, default=0) != size:
+        raise _not_safetensors(
+            path, head, f"its header describes {max(ends, default=0):,} bytes of tensors, "
+            f"the file holds {size - 8 - length:,}"
+        )  # fmt: skip
+    return tensors
+
+
+def _not_safetensors(path: Path, data: bytes, why: str) -> CharLSTMError:
+    if data.startswith(_PICKLE_MAGIC):
+        return CharLSTMError(
+            f"{path} is a pickle (torch.save) file, not safetensors; charlstm never unpickles "
+            "files because that can run arbitrary code"
+        )
+    if not data:
+        return CharLSTMError(f"{path} is empty: the checkpoint is damaged")
+    return CharLSTMError(f"{path} is not a valid safetensors file ({why})")
+
+
+def _check_weight_header(
+    path: Path, header: dict[str, Any], config: RunConfig, vocab: Vocab
+) -> None:
+    """Refuse weights whose names, shapes or types do not fit config.json, before any tensor
+    is read or any network is built."""
+    mismatch = f"{path}: the weights do not match the configuration and vocabulary in config.json"
+    if config.model.n_layers > len(header):  # each layer holds weights: bounds the work below
+        raise CharLSTMError(f"{mismatch} ({config.model.n_layers} layers)")
+    try:
+        expected = weight_shapes(config.model, vocab.size)
+    except (RuntimeError, TypeError, ValueError) as e:  # sizes too large to describe
+        raise CharLSTMError(f"{mismatch} ({_first_line(e)})") from None
+    for name in sorted(set(expected) - set(header))[:1]:
+        raise CharLSTMError(f"{mismatch} (the file lacks weight {name})")
+    for name in sorted(set(header) - set(expected))[:1]:
+        raise CharLSTMError(f"{mismatch} (the configuration has no weight {name})")
+    for name, shape in expected.items():
+        entry = header[name]
+        if entry.get("dtype") not in WEIGHT_DTYPES:
+            raise CharLSTMError(
+                f"{path}: weight {name} is of type {entry.get('dtype')}, not floating point"
+            )
+        if tuple(entry.get("shape", ())) != shape:
+            raise CharLSTMError(
+                f"{mismatch} (weight {name} has shape {entry.get('shape')}, the configuration "
+                f"needs {list(shape)})"
+            )
+
+
+class _Pinned:
+    """A directory opened once, whose files are then read from that same directory even if it
+    is renamed meanwhile: a checkpoint read while a writer replaces it is read whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _Pinned:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            raise _Replaced from None
+        except OSError as e:
+            raise CharLSTMError(f"cannot read {self.path}: {e.strerror or e}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def read(
+        self,
+        name: str,
+        limit: int | None = None,
+        check: Callable[[bytes, int], object] | None = None,
+        recorded: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The bytes of a regular file in the directory of at most ``limit`` bytes. With
+        ``check``, the file is a safetensors one: its header is read first and given to
+        ``check`` with the file's size, which raises to stop before the tensors are read.
+        ``recorded``: the size and SHA-256 config.json records for the file."""
+        path = self.path / name
+        try:
+            # Non-blocking, so that a FIFO planted in a checkpoint cannot hang the open.
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=self.fd)
+        except FileNotFoundError:
+            raise _Replaced from None
+        except OSError as e:
+            raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            status = os.fstat(fd)
+            size = status.st_size
+            if not stat.S_ISREG(status.st_mode):
+                raise CharLSTMError(f"{path} is not a regular file: the checkpoint is damaged")
+            if limit is not None and size > limit:
+                raise CharLSTMError(
+                    f"{path} holds {size:,} bytes, more than a checkpoint's {limit:,}: "
+                    "the checkpoint is damaged"
+                )
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                head = b""
+                if check is not None:
+                    head = f.read(8)
+                    length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                    head += f.read(min(length, MAX_HEADER_BYTES))
+                    check(head, size)
+                if recorded is not None and size != recorded["bytes"]:
+                    raise CharLSTMError(
+                        f"{path} holds {size:,} bytes, config.json records {recorded['bytes']:,}: "
+                        "the checkpoint is damaged"
+                    )
+                data = head + f.read(size - len(head))
+            if recorded is not None and hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+                raise CharLSTMError(
+                    f"{path} differs from the checksum config.json records: the checkpoint is "
+                    "damaged"
+                )
+            return data
+        except OSError as e:
+            raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        with _Pinned(path.parent) as pinned:
+            data = pinned.read(path.name, MAX_JSON_BYTES)
+    except _Replaced:
         raise CharLSTMError(f"{path} is missing: the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return _parse_json(data, path)
+
+
+def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too deep, too many digits
         raise CharLSTMError(f"{path} is not valid JSON ({_first_line(e)})") from None
     if not isinstance(value, dict):
         raise CharLSTMError(f"{path} does not hold a JSON object")

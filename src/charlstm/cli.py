@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
+import signal
 import sys
 import types
 import typing
@@ -45,6 +47,17 @@ if TYPE_CHECKING:
 # --help, usage mistakes and settings the configuration rejects answer at once.
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the input was fine but the machine could not run it (out of memory)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+# What each command can make smaller when it runs out of memory.
+_SMALLER = {
+    "train": "use a smaller --hidden-dim, --n-layers, --embed-dim, --batch-size or --seq-len",
+    "compare": "use a smaller --hidden-dim, --n-layers, --embed-dim, --batch-size or --seq-len",
+    "sample": "use a smaller --num-samples or a shorter --prompt",
+    "eval": "with --dynamic, use a smaller --dynamic-segment; or --device cpu",
+    "inspect": "use a smaller --max-chars",
+    "plot": "plot fewer runs at once",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:  # this process is the command (not a caller's test or script)
+            _quiet_second_interrupt()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
@@ -144,7 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as e:
+        if args.debug or not _out_of_memory(e):
+            raise
+        distributed.report(f"error: out of memory in charlstm {args.command}: {_smaller(args)}")
+        distributed.shutdown()
+        return EXIT_FAILURE
     except BrokenPipeError:  # e.g. `charlstm sample ... | head`
         # Python flushes stdout again at exit; point it at /dev/null so that cannot fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -158,15 +185,19 @@ def _train(args: argparse.Namespace) -> int:
     base = RunConfig().with_overrides(overrides)
     if base.train.resume is None:
         base.validate()  # a fresh run's settings; a resumed run's are its saved ones, later
+    else:
+        base.train.validate()  # the flags given with --resume (e.g. --overwrite), before any file
     from charlstm.checkpoint import read_checkpoint
     from charlstm.train import find_resume_checkpoint, train
 
     with world.failures():
-        # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
-        resume_from = world.main_first(find_resume_checkpoint, base.train)
+        resume_from = find_resume_checkpoint(base.train)
     if resume_from is not None:
-        # A resumed run keeps its saved settings; only the flags given now change them.
-        base = read_checkpoint(resume_from).config.with_overrides(overrides)
+        # A resumed run keeps its saved settings; only the flags given now change them (the
+        # --overwrite it may have started with replaced nothing that --resume continues).
+        base = read_checkpoint(resume_from).config.with_overrides({"overwrite": False, **overrides})
+    else:
+        _check_memory("train", base)
     # A fresh run that leaves its learning settings open gets the preset for this machine.
     adapt = None
     if resume_from is None and world.size == 1 and picks_preset(overrides):
@@ -243,8 +274,17 @@ def _eval(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             scored = "of " + ", ".join(args.data)
+    if not math.isfinite(result.loss):
+        hint = "a smaller --dynamic-lr" if args.dynamic else "an earlier checkpoint of the run"
+        raise CharLSTMError(
+            f"the loss {scored} came out as {result.loss} (the model's predictions overflowed): "
+            f"try {hint}"
+        )
     if args.json:
-        print(json.dumps({**result.as_dict(), "dynamic": args.dynamic}))
+        # JSON has no NaN or Infinity: an overflowed perplexity is null.
+        values = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                  for k, v in result.as_dict().items()}  # fmt: skip
+        print(json.dumps({**values, "dynamic": args.dynamic}, allow_nan=False))
     else:
         how = "dynamic evaluation: " if args.dynamic else ""
         print(
@@ -259,7 +299,7 @@ def _evaluate_validation(
 ) -> EvalResult:
     try:
         return model.evaluate_validation(dynamic, progress)
-    except CharLSTMError as e:  # most likely, the training text has moved
+    except CharLSTMError as e:  # most likely, the training text has moved or changed
         raise CharLSTMError(
             f"{e}; without --data, eval reads the validation split from the files the model "
             "was trained on: give --data FILE to score other text"
@@ -368,6 +408,7 @@ def _compare(args: argparse.Namespace) -> int:
     base = RunConfig().with_overrides(overrides)
     # compare's own default budget, unless a budget was asked for (a preset brings its own).
     given = "time_budget" in overrides or "preset" in overrides
+    _check_memory("compare", base)
     from charlstm.compare import compare
 
     result = compare(base, cells=args.cells, time_budget=None if given else COMPARE_BUDGET)
@@ -384,7 +425,7 @@ def _inspect(args: argparse.Namespace) -> int:
             raise CharLSTMError(f"{flag} must be at least 1, got {value}")
     from charlstm.interpret import inspect, read_text_file
 
-    text = read_text_file(args.text)
+    text = read_text_file(args.text, max_chars=args.max_chars)
     result = inspect(
         args.checkpoint, text, max_chars=args.max_chars, unknown=args.unknown, device=args.device
     )
@@ -415,6 +456,76 @@ def _progress(what: str, unit: str) -> Iterator[Callable[[int], None]]:
     finally:
         for bar in bars:
             bar.close()
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether an error is an allocation that failed: MemoryError (numpy, Python), or torch's
+    OutOfMemoryError (a GPU) or its CPU allocator's RuntimeError."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported: no torch error to recognise
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    text = str(error).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def _smaller(args: argparse.Namespace) -> str:
+    return _SMALLER.get(args.command, "use smaller settings")
+
+
+def _check_memory(command: str, config: RunConfig) -> None:
+    """Refuse at once a CPU model whose training cannot fit in this machine's memory, rather
+    than allocating for minutes (or failing in the middle of building it)."""
+    from charlstm.data import available_memory
+    from charlstm.device import resolve_device
+
+    try:
+        config.model.validate()
+        config.train.validate()
+    except CharLSTMError:
+        return  # not a network yet: the command's own checks say what is wrong
+    if resolve_device(config.train.device).type != "cpu":
+        return  # a GPU's memory is its own: an error there is caught as it happens
+    available = available_memory()
+    if available is None:
+        return
+    mc, tc = config.model, config.train
+    # A lower bound, so a refusal is never wrong: the fewest symbols a text has (2); the
+    # weights, their gradients, one optimizer moment and the weight average (--ema), in fp32;
+    # each layer's outputs, kept for the backward pass.
+    parameters = mc.parameter_count(2)
+    copies = 3 + (tc.ema > 0)
+    needed = 4 * copies * parameters
+    needed += 4 * tc.batch_size * tc.seq_len * mc.n_layers * mc.hidden_dim
+    if needed > available:
+        raise CharLSTMError(
+            f"{command}: a {mc.n_layers} x {mc.hidden_dim:,} {mc.cell} of {parameters:,} or "
+            f"more parameters, trained with --batch-size {tc.batch_size} and --seq-len "
+            f"{tc.seq_len}, needs at least {_gigabytes(needed)} of memory and "
+            f"{_gigabytes(available)} is available: {_SMALLER['train']}"
+        )
+
+
+def _gigabytes(size: int) -> str:
+    gb = size / 1e9
+    return f"{gb:,.1f} GB" if gb < 1e6 else f"{gb:.3g} GB"
+
+
+def _quiet_second_interrupt() -> None:
+    """From here to the process's end (flushing, atexit handlers, joining threads), Ctrl-C
+    ends it at once with status 130, without the traceback Python prints for an interrupted
+    atexit handler."""
+
+    def leave(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    with contextlib.suppress(ValueError):  # not the main thread: signals are not ours to set
+        signal.signal(signal.SIGINT, leave)
 
 
 def _say(line: str) -> None:

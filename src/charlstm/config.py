@@ -89,6 +89,8 @@ COMPARE_CELLS = ("rnn", "gru", "lstm")
 COMPARE_BUDGET = "10m"
 # `charlstm inspect` reads this many characters of its text unless told.
 INSPECT_MAX_CHARS = 20_000
+# A config file holds a few dozen settings: anything far larger is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -126,6 +128,7 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise CharLSTMError for shapes that cannot build a network."""
         _check_choices(self)
+        _check_finite(self)
         for name in ("embed_dim", "hidden_dim", "n_layers"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
@@ -136,6 +139,16 @@ class ModelConfig:
             f"--recurrent-dropout drops an LSTM's cell update and --cell {self.cell} has none: "
             "use --cell lstm, or --dropout and --weight-dropout",
         )
+
+    def parameter_count(self, vocab_size: int) -> int:
+        """The network's trainable parameters, by arithmetic: nothing is allocated, so absurd
+        sizes can be refused before building them."""
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}[self.cell] * self.hidden_dim
+        recurrent = gates * (self.embed_dim + self.hidden_dim + 2)  # W_ih, W_hh, two biases
+        recurrent += (self.n_layers - 1) * gates * (2 * self.hidden_dim + 2)
+        heads = self.n_layers if self.head_input == "all" else 1
+        head = (heads * self.hidden_dim + 1) * vocab_size
+        return vocab_size * self.embed_dim + recurrent + head
 
 
 @dataclass
@@ -157,6 +170,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings that cannot produce a split."""
+        _check_finite(self)
         _require(len(self.data) > 0, "--data needs at least one file, directory or corpus name")
         if not self.val_data:
             _require(0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)")
@@ -243,6 +257,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise CharLSTMError for settings no training run can use."""
         _check_choices(self)
+        _check_finite(self)
+        _check_seed(self.seed)
+        _require(
+            not (self.resume and self.overwrite),
+            f"--resume {self.resume} continues a run and --overwrite replaces one: give one of "
+            "them, not both",
+        )
         for name in ("batch_size", "seq_len", "eval_every", "log_every", "max_bad_steps"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(self.lr > 0, "--lr must be greater than 0")
@@ -326,11 +347,19 @@ class RunConfig:
         return RunConfig.from_dict(sections)
 
 
+# Samples start from a newline unless given a prompt: the start of a line of the text.
+DEFAULT_PROMPT = "\n"
+
+
 @dataclass
 class SampleConfig:
     """Settings of ``charlstm sample`` and :meth:`CharLM.generate`."""
 
-    prompt: str = option("\n", "text the samples continue from")
+    prompt: str = option(
+        DEFAULT_PROMPT,
+        "text the samples continue from (default: a newline, the start of a line; for a "
+        "model whose training text had no newline, a space or else its first character)",
+    )
     length: int = option(500, "characters to generate per sample")
     temperature: float = option(0.8, "softmax temperature; 0 means greedy (always the likeliest)")
     top_k: int = option(0, "sample only from the k likeliest characters (0 = off)")
@@ -345,6 +374,9 @@ class SampleConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for out-of-range sampling parameters."""
+        _check_finite(self)
+        if self.seed is not None:
+            _check_seed(self.seed)
         _require(self.length >= 1, f"--length must be at least 1, got {self.length}")
         _require(
             math.isfinite(self.temperature) and self.temperature >= 0,
@@ -378,9 +410,12 @@ class DynamicEvalConfig:
 
     def validate(self) -> None:
         """Raise CharLSTMError for out-of-range settings."""
+        _check_finite(self)
+        _require(self.dynamic_lr >= 0, f"--dynamic-lr must be 0 or positive, got {self.dynamic_lr}")
         _require(
-            math.isfinite(self.dynamic_lr) and self.dynamic_lr >= 0,
-            f"--dynamic-lr must be 0 or positive, got {self.dynamic_lr}",
+            self.dynamic_lr <= DYNAMIC_MAX_LR,
+            f"--dynamic-lr must be at most {DYNAMIC_MAX_LR:g}, got {self.dynamic_lr:g}: a step "
+            f"moves every weight by about this much ({DynamicEvalConfig.dynamic_lr:g} is typical)",
         )
         _require(
             0 <= self.dynamic_decay <= 1,
@@ -390,6 +425,17 @@ class DynamicEvalConfig:
             self.dynamic_segment >= 1,
             f"--dynamic-segment must be at least 1, got {self.dynamic_segment}",
         )
+        _require(
+            self.dynamic_segment <= DYNAMIC_MAX_SEGMENT,
+            f"--dynamic-segment must be at most {DYNAMIC_MAX_SEGMENT:,}, got "
+            f"{self.dynamic_segment:,}: each update backpropagates through the whole segment",
+        )
+
+
+# Dynamic evaluation's largest step and segment: a step moves every weight by about
+# --dynamic-lr, so past 1 the weights are noise; a segment's graph is held for its gradient.
+DYNAMIC_MAX_LR = 1.0
+DYNAMIC_MAX_SEGMENT = 10_000
 
 
 # Which section of RunConfig owns each flat setting name (names are unique across sections).
@@ -408,19 +454,43 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise CharLSTMError(f"config file {path} does not exist") from None
     except OSError as e:
         raise CharLSTMError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CharLSTMError(
+            f"config file {path} is over {MAX_CONFIG_BYTES // 1024} KB: not a settings file"
+        )
+    # An editor's byte-order mark is no part of the settings (as Python's utf-8-sig reads it).
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        raw = tomllib.loads(data[bom:].decode("utf-8"))
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        raise CharLSTMError(
+            f"config file {path} is not UTF-8 text: byte 0x{data[at]:02x} at offset {at} does "
+            "not decode; save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise CharLSTMError(f"config file {path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
+    spelt: dict[str, str] = {}  # each setting's key as the file wrote it, to name a duplicate
     for key, value in raw.items():
         if key in ("model", "data", "train") and isinstance(value, dict):
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+            entries = [(f"{key}.{k}", k, v) for k, v in value.items()]
         else:
-            flat[key.replace("-", "_")] = value
+            entries = [(key, key, value)]
+        for written, name, setting in entries:
+            name = name.replace("-", "_")
+            if name in spelt:
+                raise CharLSTMError(
+                    f"config file {path} sets {name.replace('_', '-')} twice, as "
+                    f"{spelt[name]!r} and {written!r}: keep one"
+                )
+            spelt[name] = written
+            flat[name] = setting
     for key in flat:
         if key not in SECTION_OF:
             raise CharLSTMError(
@@ -538,6 +608,22 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         elif kind in (int, str, bool) and type(value) is kind:
             return value
     raise CharLSTMError(f"setting {_flag(name)[2:]} = {value!r} has the wrong type")
+
+
+# Seeds seed torch (a signed 64-bit integer) and numpy (non-negative), so both accept them.
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed: int) -> None:
+    _require(0 <= seed < SEED_LIMIT, f"--seed must be in [0, 2**63) (a 64-bit seed), got {seed}")
+
+
+def _check_finite(config: Any) -> None:
+    """Every float setting must be a number: NaN passes every range check, inf most."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CharLSTMError(f"{_flag(f.name)} must be a finite number, got {value}")
 
 
 def _check_choices(config: Any) -> None:

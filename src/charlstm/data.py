@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -48,9 +49,10 @@ _MAX_CODEPOINT = 0x10FFFF
 _MMAP_THRESHOLD_BYTES = 64 << 20
 # Reading more bytes than this shows a progress bar on stderr.
 _PROGRESS_BYTES = 64 << 20
-# Part of every encoded-cache name: bump it when the encoding of a corpus changes meaning.
-_CACHE_FORMAT = "charlstm-encoded-v1"
-_SCAN_FORMAT = "charlstm-scan-v1"
+# Part of every encoded-cache name: bump it when the encoding of a corpus changes meaning
+# (v2: a UTF-8 file's byte-order mark is no longer a character of its text).
+_CACHE_FORMAT = "charlstm-encoded-v2"
+_SCAN_FORMAT = "charlstm-scan-v2"
 _NEWLINE = 10
 _NO_SUCH_CODEC = "charlstm-no-such-codec"
 
@@ -395,8 +397,16 @@ def _read_text(
     split by a block boundary (and keeps a byte-order mark's byte order) until the next."""
     decoder = codecs.getincrementaldecoder(encoding)()
     offset, head = 0, b""  # bytes given to the decoder so far, and the file's first ones
+    ahead = b""  # the first bytes, read ahead to look for a byte-order mark
+    if _same_codec(encoding, "utf-8"):
+        # A UTF-8 byte-order mark starts a file, not its text: dropped, as utf-8-sig does.
+        ahead = _read_at_least(f, len(codecs.BOM_UTF8))
+        if ahead.startswith(codecs.BOM_UTF8):
+            ahead, offset = ahead[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            if on_bytes is not None:
+                on_bytes(offset)
     while True:
-        block = f.read(_BLOCK_BYTES)
+        block, ahead = ahead or f.read(_BLOCK_BYTES), b""
         head = head or block[:4]
         try:
             text = decoder.decode(block, final=not block)
@@ -411,6 +421,15 @@ def _read_text(
             yield to_codepoints(text)
         if not block:
             return
+
+
+def _read_at_least(f: BinaryIO, size: int) -> bytes:
+    """A block of at least ``size`` bytes unless the file ends first (a pipe may hand over
+    its first bytes alone)."""
+    data = f.read(_BLOCK_BYTES)
+    while 0 < len(data) < size and (more := f.read(_BLOCK_BYTES)):
+        data += more
+    return data
 
 
 def _check_encoding(encoding: str) -> None:
@@ -815,48 +834,123 @@ def _encode_group(group: Sources, vocab: Vocab, length: int) -> np.ndarray:
     """Encode one group of files into an id array, memory-mapped from a cache when large."""
     size = _size([group])
     if size < _MMAP_THRESHOLD_BYTES:
-        out = np.empty(length, vocab.dtype)
-        position = 0
-        for ids in _encoded_blocks(group, vocab, length):
-            out[position : position + len(ids)] = ids
-            position += len(ids)
-        return out
+        return _encode_in_memory(group, vocab, length)
     path = _cache_path(group, vocab)
-    if not path.exists():
+    cached = _load_encoded(path, length)
+    if cached is not None:
+        return cached
+    try:
         _write_encoded(path, group, vocab, length, size)
-    return np.load(path, mmap_mode="r")
+    except OSError as e:  # no cache directory, no space: the run can still go on without one
+        return _encode_uncached(path.parent, group, vocab, length, e)
+    encoded = _load_encoded(path, length)
+    if encoded is None:
+        raise CharLSTMError(f"the encoded corpus {path} cannot be read back; delete it and retry")
+    return encoded
+
+
+def _encode_in_memory(group: Sources, vocab: Vocab, length: int) -> np.ndarray:
+    out = np.empty(length, vocab.dtype)
+    position = 0
+    for ids in _encoded_blocks(group, vocab, length):
+        out[position : position + len(ids)] = ids
+        position += len(ids)
+    return out
+
+
+def _load_encoded(path: Path, length: int) -> np.ndarray | None:
+    """A cached encoding, memory-mapped; None if there is none, or it is damaged or the wrong
+    length (it is then removed and written again, never mapped past its end: a bus error)."""
+    if not path.exists():
+        return None
+    try:
+        encoded = np.load(path, mmap_mode="r")
+        if encoded.shape == (length,):
+            return encoded
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
+def _encode_uncached(
+    directory: Path, group: Sources, vocab: Vocab, length: int, error: OSError
+) -> np.ndarray:
+    """The encoded corpus held in memory when its cache cannot be written, if it fits."""
+    reason = error.strerror or str(error)
+    needed, available = length * vocab.dtype.itemsize, available_memory()
+    if available is not None and needed > available // 2:
+        raise CharLSTMError(
+            f"cannot write the encoded corpus to {directory}: {reason}, and its "
+            f"{needed / 2**20:,.0f} MB would not fit in memory ({available / 2**20:,.0f} MB "
+            "available): free some space, or set CHARLSTM_DATA_DIR to another directory"
+        )
+    print(
+        f"warning: cannot cache the encoded corpus in {directory} ({reason}); encoding it in "
+        "memory instead (set CHARLSTM_DATA_DIR to a writable directory to cache it)",
+        file=sys.stderr,
+    )
+    return _encode_in_memory(group, vocab, length)
 
 
 def _write_encoded(path: Path, group: Sources, vocab: Vocab, length: int, size: int) -> None:
     """Encode a group into an .npy file, block by block, atomically. Written rather than
-    memory-mapped: the encoded corpus never counts in this process's resident memory."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    except OSError as e:
-        raise CharLSTMError(
-            f"cannot write the encoded corpus to {path.parent}: {e.strerror or e} (set "
-            "CHARLSTM_DATA_DIR to a writable directory)"
-        ) from None
+    memory-mapped: the encoded corpus never counts in this process's resident memory. The file
+    is allocated in full first, so a full disk fails at once with ENOSPC (an OSError), never
+    half-way through or later in a mapping. Raises OSError when the cache cannot be written;
+    no temporary file is left behind on any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
     header = {
         "descr": np.lib.format.dtype_to_descr(vocab.dtype),
         "fortran_order": False,
         "shape": (length,),
     }
     try:
-        with os.fdopen(fd, "wb") as f, _Progress(size, "encoding the corpus") as bar:
+        with os.fdopen(fd, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
-            for ids in _encoded_blocks(group, vocab, length, bar.update):
-                f.write(ids.data)
+            f.flush()
+            _preallocate(f.fileno(), f.tell() + length * vocab.dtype.itemsize)
+            with _Progress(size, "encoding the corpus") as bar:
+                for ids in _encoded_blocks(group, vocab, length, bar.update):
+                    f.write(ids.data)
         os.replace(tmp, path)
-    except OSError as e:
-        raise CharLSTMError(
-            f"cannot write the encoded corpus {path}: {e.strerror or e} (free some space, or "
-            "set CHARLSTM_DATA_DIR to another directory)"
-        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the file (where the system and file system can)."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise  # ENOSPC, EDQUOT, EFBIG: the file cannot be written
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: available memory and free swap (Linux), within
+    a cgroup's limit if it has one; else the free physical memory; None where unknown."""
+    available = None
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        kb = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
+        available = kb * 1024
+    if available is None:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii").strip()
+        if limit != "max":
+            left = max(int(limit) - int(used), 0)
+            available = left if available is None else min(available, left)
+    return available
 
 
 def _encoded_blocks(

@@ -172,11 +172,6 @@ class World:
 
     # ---- doing things once, and failing together --------------------------------------------
 
-    def main_first(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn`` on rank 0, then, once it succeeded, on the others (for work that may write
-        shared files the first time, such as recovering a checkpoint)."""
-        return self._in_turn(self.is_main, fn, *args, **kwargs)
-
     def local_main_first(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` on each machine's local rank 0, then on the others (for per-machine caches)."""
         return self._in_turn(self.local_rank == 0, fn, *args, **kwargs)

@@ -7,7 +7,8 @@ class CharLSTMError(Exception):
     """A problem with the user's input, files or settings.
 
     Its message is a single line that says what is wrong and what to do; the CLI prints it
-    as ``error: <message>`` and exits with status 2, without a traceback.
+    as ``error: <message>`` and exits with status 2, without a traceback (running out of
+    memory, which is no mistake in the input, exits with 1).
     """
 
 

@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,14 +140,29 @@ TARGET static inline __m512 load_fp16(const uint16_t *src) {
 
 /* Dropout on the layer's output, drawn from a counter-based hash of (seed, element index) so
  * that the backward recomputes the forward's mask instead of storing it. Element (t, b, j)
- * has index t * step_stride + b * H + j: step_stride B * H gives every step its own mask, 0
+ * has index t * step_stride + b * H + j, in 64 bits so that T * B * H >= 2^32 cannot wrap
+ * around to an earlier element's mask: step_stride B * H gives every step its own mask, 0
  * holds one mask over the whole sequence. */
 typedef struct {
     uint32_t threshold; /* keep an element if its 24-bit hash is below this: keep * 2^24 */
     float scale;        /* 1 / keep */
     uint32_t seed_a, seed_b;
-    uint32_t step_stride;
+    uint64_t step_stride;
 } dropout_mask;
+
+/* The index of element k (= b * H + j) of step t in its mask's sequence. */
+static inline uint64_t mask_index(const dropout_mask *m, int t, size_t k) {
+    return (uint64_t)t * m->step_stride + k;
+}
+
+/* mix32 on one word: a bijection, and mix32(0) = 0 (see dropout_factor). */
+static inline uint32_t mix32_scalar(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
 
 TARGET static inline __m512i mix32(__m512i x) {
     /* A 32-bit integer hash with good avalanche (xor-shift-multiply, twice). */
@@ -157,13 +173,18 @@ TARGET static inline __m512i mix32(__m512i x) {
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-/* The mask times the scale for elements [first, first + 16): 0 or 1 / keep each. */
-TARGET static inline __m512 dropout_factor(const dropout_mask *m, uint32_t first) {
-    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)first),
+/* The mask times the scale for elements [first, first + 16): 0 or 1 / keep each. `first` is a
+ * multiple of 16 (H is of 32), so the 16 share their high 32 bits: the lanes hash the low 32 as
+ * ever, and a nonzero high word moves the second seed, so that masks below 2^32 stay the same
+ * and those above do not repeat them. */
+TARGET static inline __m512 dropout_factor(const dropout_mask *m, uint64_t first) {
+    const uint32_t high = (uint32_t)(first >> 32);
+    const uint32_t seed_b = high ? m->seed_b + mix32_scalar(high) : m->seed_b;
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)first),
                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                                                        13, 14, 15));
     __m512i x = mix32(_mm512_xor_si512(index, _mm512_set1_epi32((int)m->seed_a)));
-    x = mix32(_mm512_add_epi32(x, _mm512_set1_epi32((int)m->seed_b)));
+    x = mix32(_mm512_add_epi32(x, _mm512_set1_epi32((int)seed_b)));
     __mmask16 keep = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(x, 8),
                                              _mm512_set1_epi32((int)m->threshold));
     return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(m->scale));
@@ -182,8 +203,8 @@ typedef struct {
     uint16_t *h_out;       /* [B, H]: h after dropout */
     const dropout_mask *drop; /* NULL: no dropout */
     const dropout_mask *update_drop; /* on the cell update g (c = f c' + i g m); NULL: none */
-    uint32_t first;        /* index of this step's first output element, for the mask */
-    uint32_t update_first;   /* the same for the cell update's mask */
+    uint64_t first;        /* index of this step's first output element, for the mask */
+    uint64_t update_first;   /* the same for the cell update's mask */
     uint16_t *h_next;      /* row t + 1 of xh (at column E), NULL at the last step */
     float *h_last, *c_last; /* [B, H] at the last step, else NULL */
 } forward_args;
@@ -201,7 +222,8 @@ TARGET static void forward_row(const forward_args *p, int u, int b, const float 
     __m512 cp = p->s_prev ? _mm512_loadu_ps(p->s_prev[(size_t)u * p->B + b].c)
                           : _mm512_loadu_ps(p->c0 + (size_t)b * H + j);
     const __m512 update = p->update_drop
-        ? _mm512_mul_ps(g, dropout_factor(p->update_drop, p->update_first + b * H + j)) : g;
+        ? _mm512_mul_ps(g, dropout_factor(p->update_drop, p->update_first + (size_t)b * H + j))
+        : g;
     __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, update));
     __m512 tc = tanh_ps(c);
     __m512 h = _mm512_mul_ps(o, tc);
@@ -212,7 +234,8 @@ TARGET static void forward_row(const forward_args *p, int u, int b, const float 
     store_fp16(s->g, g);
     store_fp16(s->o, o);
     store_fp16(s->tc, tc);
-    const __m512 kept = p->drop ? _mm512_mul_ps(h, dropout_factor(p->drop, p->first + b * H + j)) : h;
+    const __m512 kept =
+        p->drop ? _mm512_mul_ps(h, dropout_factor(p->drop, p->first + (size_t)b * H + j)) : h;
     store_bf16(p->h_out + (size_t)b * H + j, kept);
     if (p->h_next) store_bf16(p->h_next + (size_t)b * p->K + j, h);
     if (p->h_last) {
@@ -268,7 +291,7 @@ TARGET_AMX static void forward_step_amx(const forward_args *p, float (*scratch)[
                     }
                     step++;
                     if (pending >= 0) { /* the share of block u - 1's rows due by now */
-                        const int due = B * step / steps;
+                        const int due = (int)((int64_t)B * step / steps);
                         forward_tile_rows(p, pending, done, due, prev);
                         done = due;
                     }
@@ -364,7 +387,8 @@ TARGET static void forward_step_avx512(const forward_args *p) {
  *   h_out [T, B, H] bf16 out, after dropout; h_last, c_last [B, H] fp32 out: the state after
  *   step T (no dropout on the output); drop: the output's mask, update_drop: the cell
  *   update's (recurrent dropout, c = f c' + i g m), each NULL for none;
- *   amx: the products on AMX tiles, else AVX-512 BF16 */
+ *   amx: the products on AMX tiles, else AVX-512 BF16
+ * From Python each array arrives as its address and size in bytes, checked (see py_forward). */
 TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const uint16_t *w,
                                const float *bias, const int32_t *ids, const float *c0,
                                saved_block *saved,
@@ -389,9 +413,9 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
             .h_out = h_out + (size_t)t * B * H,
             .h_next = last ? NULL : xh + (size_t)(t + 1) * B * K + E,
             .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
-            .drop = drop, .first = drop ? (uint32_t)t * drop->step_stride : 0,
+            .drop = drop, .first = drop ? mask_index(drop, t, 0) : 0,
             .update_drop = update_drop,
-            .update_first = update_drop ? (uint32_t)t * update_drop->step_stride : 0,
+            .update_first = update_drop ? mask_index(update_drop, t, 0) : 0,
         };
         if (amx)
             forward_step_amx(&p, scratch);
@@ -522,7 +546,8 @@ TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *
  *   ids [T, B] int32 or NULL: with ids (a lookup layer), dbias is the [V, 4H] table's gradient,
  *   and row b at step t accumulates into its row ids[t][b]
  *   drop, update_drop: the forward's masks, recomputed from their seeds
- *   amx: the products on AMX tiles, else AVX-512 BF16 */
+ *   amx: the products on AMX tiles, else AVX-512 BF16
+ * From Python each array arrives as its address and size in bytes, checked (see py_backward). */
 TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
                                 const uint16_t *w, const saved_block *saved, const float *c0,
                                 uint16_t *dg_t, size_t ld, uint16_t *dx, float *dh, float *dc,
@@ -555,11 +580,11 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                 __m512 from_out = load_bf16(dh_out + (size_t)t * B * H + k);
                 if (drop)
                     from_out = _mm512_mul_ps(from_out,
-                                             dropout_factor(drop, t * drop->step_stride + k));
+                                             dropout_factor(drop, mask_index(drop, t, k)));
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
                 /* With a mask on the update, c = f c' + i (g m): i sees g m, g's path is m i. */
                 const __m512 m = update_drop
-                    ? dropout_factor(update_drop, t * update_drop->step_stride + k) : one;
+                    ? dropout_factor(update_drop, mask_index(update_drop, t, k)) : one;
                 const __m512 gm = _mm512_mul_ps(g, m), im = _mm512_mul_ps(i, m);
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));
@@ -694,34 +719,115 @@ static int check_usable(int amx) {
 static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed,
                                      int locked, int B, int H) {
     if (keep >= 1.0) return NULL;
-    m->step_stride = locked ? 0 : (uint32_t)B * (uint32_t)H;
+    m->step_stride = locked ? 0 : (uint64_t)B * (uint64_t)H;
     m->threshold = (uint32_t)(keep * 16777216.0 + 0.5);
     m->scale = (float)(1.0 / keep);
     m->seed_a = (uint32_t)seed;
     m->seed_b = (uint32_t)(seed >> 32);
     return m;
 }
+
+/* out[b * H + j] = the mask's factor (0 or 1 / keep) for element (b, j) of step t, as the
+ * kernel draws it. */
+TARGET static void fill_mask(const dropout_mask *m, int t, int B, int H, float *out) {
+    for (size_t k = 0; k < (size_t)B * H; k += 16)
+        _mm512_storeu_ps(out + k, dropout_factor(m, mask_index(m, t, k)));
+}
 #endif
 
-static int check_shape(int B, int E, int H) {
+/* The kernel indexes in int with these bounds (and T * B * H in 64 bits), and wants B, E and
+ * H in multiples of its tiles. */
+static int check_shape(int T, int B, int E, int H) {
+    if (T < 1) {
+        PyErr_SetString(PyExc_ValueError, "LSTM kernel: a sequence of no steps has nothing to run");
+        return 0;
+    }
     if (B <= 0 || B % 16 || E < 0 || E % 32 || H <= 0 || H % 32) {
         PyErr_SetString(PyExc_ValueError, "LSTM kernel shapes: B % 16, E % 32 and H % 32 must be 0");
+        return 0;
+    }
+    if (B > (1 << 20) || E > (1 << 16) || H > (1 << 16)) {
+        PyErr_SetString(PyExc_ValueError, "LSTM kernel shapes: B <= 2^20, E and H <= 2^16");
         return 0;
     }
     return 1;
 }
 
-/* Pointers arrive as integers (tensor.data_ptr()); the caller owns and sizes every buffer. */
+/* A dropout mask keeps each element with a probability in [0, 1] (1 and above: no mask). */
+static int check_keep(double keep) {
+    if (!(keep >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "LSTM kernel: a dropout rate must lie in [0, 1]");
+        return 0;
+    }
+    return 1;
+}
+
+/* Memory the caller hands over: its address (tensor.data_ptr()) and the bytes it owns there.
+ * The kernel derives every access from T, B, E and H, so each buffer is checked to hold what
+ * those shapes make it touch: a wrong size is an error here, never a write past its end. */
+typedef struct {
+    unsigned long long at, bytes;
+} buffer;
+
+/* a * b, saturating: a size that overflows is one no buffer holds. */
+static unsigned long long times(unsigned long long a, unsigned long long b) {
+    return a && b > ULLONG_MAX / a ? ULLONG_MAX : a * b;
+}
+
+static int check_size(const buffer *b, unsigned long long need, const char *name) {
+    if (b->bytes < need || (need && !b->at)) {
+        PyErr_Format(PyExc_ValueError,
+                     "LSTM kernel: %s holds %llu bytes where its shape needs %llu", name,
+                     b->bytes, need);
+        return 0;
+    }
+    return 1;
+}
+
+/* Every id in [0, vocab), checked before the kernel reads or writes any table row by id. */
+static int check_ids(const buffer *ids, unsigned long long count, unsigned long long vocab) {
+    const int32_t *id = (const int32_t *)(uintptr_t)ids->at;
+    for (unsigned long long n = 0; n < count; n++)
+        if (id[n] < 0 || (unsigned long long)id[n] >= vocab) {
+            PyErr_Format(PyExc_IndexError, "LSTM kernel: id %d lies outside the table of %llu rows",
+                         (int)id[n], vocab);
+            return 0;
+        }
+    return 1;
+}
+
+/* The rows of a lookup layer's table (V, 4H) fp32, or of its gradient: as many as it holds. */
+static unsigned long long table_rows(const buffer *table, int H) {
+    return table->bytes / times(16, (unsigned long long)H);
+}
+
+#define BUFFER "KK"
+#define PARTS(b) &(b).at, &(b).bytes
+
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
     int T, B, E, H, locked, amx;
-    unsigned long long xh, w, bias, ids, c0, saved, h_out, h_last, c_last, seed, update_seed;
+    buffer xh, w, bias, ids, c0, saved, h_out, h_last, c_last;
+    unsigned long long seed, update_seed;
     double keep, update_keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKdKdKpp", &T, &B, &E, &H, &xh, &w, &bias, &ids, &c0,
-                          &saved, &h_out, &h_last, &c_last, &keep, &seed, &update_keep,
-                          &update_seed, &locked, &amx))
+    if (!PyArg_ParseTuple(args, "iiii" BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER
+                          BUFFER "dKdKpp", &T, &B, &E, &H, PARTS(xh), PARTS(w), PARTS(bias),
+                          PARTS(ids), PARTS(c0), PARTS(saved), PARTS(h_out), PARTS(h_last),
+                          PARTS(c_last), &keep, &seed, &update_keep, &update_seed, &locked, &amx))
         return NULL;
-    if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
+    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep) ||
+        !check_keep(update_keep))
+        return NULL;
+    const unsigned long long K = (unsigned long long)E + H, G = 4ull * H;
+    const unsigned long long rows = times(T, B), units = times(rows, H), state = 4ull * B * H;
+    if (!check_size(&xh, times(times(rows, K), 2), "xh") || !check_size(&w, K * G * 2, "w") ||
+        !check_size(&bias, G * 4, "bias") ||
+        !check_size(&ids, ids.at ? times(rows, 4) : 0, "ids") || !check_size(&c0, state, "c0") ||
+        !check_size(&saved, times(units, 14), "saved") ||
+        !check_size(&h_out, times(units, 2), "h_out") || !check_size(&h_last, state, "h_last") ||
+        !check_size(&c_last, state, "c_last"))
+        return NULL;
+    if (ids.at && !check_ids(&ids, rows, table_rows(&bias, H))) return NULL;
 #if HAVE_X86_BUILD
     dropout_mask mask, update_mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
@@ -729,10 +835,10 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         make_mask(&update_mask, update_keep, update_seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = lstm_forward(T, B, E, H, (uint16_t *)xh, (const uint16_t *)w, (const float *)bias,
-                          (const int32_t *)ids, (const float *)c0, (saved_block *)saved,
-                          (uint16_t *)h_out, (float *)h_last, (float *)c_last, drop, update_drop,
-                          amx);
+    failed = lstm_forward(T, B, E, H, (uint16_t *)xh.at, (const uint16_t *)w.at,
+                          (const float *)bias.at, (const int32_t *)ids.at, (const float *)c0.at,
+                          (saved_block *)saved.at, (uint16_t *)h_out.at, (float *)h_last.at,
+                          (float *)c_last.at, drop, update_drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -742,13 +848,32 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
     int T, B, E, H, locked, amx;
-    unsigned long long dh_out, w, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, seed, update_seed;
+    buffer dh_out, w, saved, c0, dg_t, dx, dh, dc, dbias, ids;
+    unsigned long long ld, seed, update_seed;
     double keep, update_keep;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKKKKKdKdKpp", &T, &B, &E, &H, &dh_out, &w, &saved,
-                          &c0, &dg_t, &ld, &dx, &dh, &dc, &dbias, &ids, &keep, &seed, &update_keep,
+    if (!PyArg_ParseTuple(args, "iiii" BUFFER BUFFER BUFFER BUFFER BUFFER "K" BUFFER BUFFER BUFFER
+                          BUFFER BUFFER "dKdKpp", &T, &B, &E, &H, PARTS(dh_out), PARTS(w),
+                          PARTS(saved), PARTS(c0), PARTS(dg_t), &ld, PARTS(dx), PARTS(dh),
+                          PARTS(dc), PARTS(dbias), PARTS(ids), &keep, &seed, &update_keep,
                           &update_seed, &locked, &amx))
         return NULL;
-    if (!check_usable(amx) || !check_shape(B, E, H)) return NULL;
+    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep) ||
+        !check_keep(update_keep))
+        return NULL;
+    const unsigned long long K = (unsigned long long)E + H, G = 4ull * H;
+    const unsigned long long rows = times(T, B), units = times(rows, H), state = 4ull * B * H;
+    if (ld < rows) {
+        PyErr_SetString(PyExc_ValueError, "LSTM kernel: dg_t's rows must hold T * B columns");
+        return NULL;
+    }
+    if (!check_size(&dh_out, times(units, 2), "dh_out") || !check_size(&w, G * K * 2, "w") ||
+        !check_size(&saved, times(units, 14), "saved") || !check_size(&c0, state, "c0") ||
+        !check_size(&dg_t, times(times(G, ld), 2), "dg_t") ||
+        !check_size(&dx, times(times(rows, E), 2), "dx") || !check_size(&dh, state, "dh") ||
+        !check_size(&dc, state, "dc") || !check_size(&dbias, G * 4, "dbias") ||
+        !check_size(&ids, ids.at ? times(rows, 4) : 0, "ids"))
+        return NULL;
+    if (ids.at && !check_ids(&ids, rows, table_rows(&dbias, H))) return NULL;
 #if HAVE_X86_BUILD
     dropout_mask mask, update_mask;
     const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
@@ -756,10 +881,11 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
         make_mask(&update_mask, update_keep, update_seed, locked, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out, (const uint16_t *)w,
-                           (const saved_block *)saved, (const float *)c0, (uint16_t *)dg_t,
-                           (size_t)ld, (uint16_t *)dx, (float *)dh, (float *)dc, (float *)dbias,
-                           (const int32_t *)ids, drop, update_drop, amx);
+    failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out.at, (const uint16_t *)w.at,
+                           (const saved_block *)saved.at, (const float *)c0.at,
+                           (uint16_t *)dg_t.at, (size_t)ld, (uint16_t *)dx.at, (float *)dh.at,
+                           (float *)dc.at, (float *)dbias.at, (const int32_t *)ids.at, drop,
+                           update_drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -769,21 +895,54 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 static PyObject *py_pack(PyObject *self, PyObject *args) {
     (void)self;
     int E, Ep, H;
-    unsigned long long w_ih, w_hh, forward, backward;
-    if (!PyArg_ParseTuple(args, "KKiiiKK", &w_ih, &w_hh, &E, &Ep, &H, &forward, &backward))
+    buffer w_ih, w_hh, forward, backward;
+    if (!PyArg_ParseTuple(args, BUFFER BUFFER "iii" BUFFER BUFFER, PARTS(w_ih), PARTS(w_hh), &E,
+                          &Ep, &H, PARTS(forward), PARTS(backward)))
         return NULL;
-    if (!check_usable(0) || !check_shape(16, Ep, H)) return NULL;
+    if (!check_usable(0) || !check_shape(1, 16, Ep, H)) return NULL;
     if (E < 0 || E > Ep) {
         PyErr_SetString(PyExc_ValueError, "pack: the input width must be within its padding");
         return NULL;
     }
+    const unsigned long long G = 4ull * H, packed = G * ((unsigned long long)Ep + H) * 2;
+    if (!check_size(&w_ih, G * E * 4, "w_ih") || !check_size(&w_hh, G * H * 4, "w_hh") ||
+        !check_size(&forward, packed, "forward") || !check_size(&backward, packed, "backward"))
+        return NULL;
 #if HAVE_X86_BUILD
     Py_BEGIN_ALLOW_THREADS
-    pack_weights((const float *)w_ih, (const float *)w_hh, E, Ep, H, (uint16_t *)forward,
-                 (uint16_t *)backward);
+    pack_weights((const float *)w_ih.at, (const float *)w_hh.at, E, Ep, H,
+                 (uint16_t *)forward.at, (uint16_t *)backward.at);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
+}
+
+/* mask(keep, seed, locked, B, H, t): the factors (0 or 1 / keep) the kernel's mask puts on the
+ * B x H elements of step t, as fp32 bytes; for tests, which can ask for a step whose elements
+ * lie past 2^32 without running (or allocating) that many. */
+static PyObject *py_mask(PyObject *self, PyObject *args) {
+    (void)self;
+    double keep;
+    unsigned long long seed;
+    int locked, B, H, t;
+    if (!PyArg_ParseTuple(args, "dKpiii", &keep, &seed, &locked, &B, &H, &t)) return NULL;
+    if (!check_usable(0) || !check_shape(1, B, 0, H) || !check_keep(keep)) return NULL;
+    if (t < 0) {
+        PyErr_SetString(PyExc_ValueError, "mask: a step cannot be negative");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)B * H * 4);
+    if (!out) return NULL;
+#if HAVE_X86_BUILD
+    float *factors = (float *)PyBytes_AS_STRING(out);
+    dropout_mask mask;
+    const dropout_mask *m = make_mask(&mask, keep, seed, locked, B, H);
+    if (m)
+        fill_mask(m, t, B, H, factors);
+    else
+        for (size_t k = 0; k < (size_t)B * H; k++) factors[k] = 1.0f;
+#endif
+    return out;
 }
 
 static PyMethodDef methods[] = {
@@ -791,6 +950,7 @@ static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, "Forward of one LSTM layer over T steps."},
     {"backward", py_backward, METH_VARARGS, "Backward of one LSTM layer over T steps."},
     {"pack", py_pack, METH_VARARGS, "The forward and backward packed layouts of a layer's weights."},
+    {"mask", py_mask, METH_VARARGS, "A dropout mask's factors at one step, as the kernel draws it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -87,8 +87,9 @@ def lstm_forward(
     cell update g inside each layer (c = f c' + i g m) with a mask hashed the same way.
     ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
     weights = weights or {}
+    _check_inputs(rnn, x, state, embedding)
     amx = backend() == "amx"
-    batch = x.shape[1]
+    steps, batch = x.shape[0], x.shape[1]
     padded = -(-batch // _ROWS) * _ROWS
     if state is None:
         zeros = torch.zeros(rnn.num_layers, padded, rnn.hidden_size, device=x.device)
@@ -112,9 +113,16 @@ def lstm_forward(
             inputs = None, ids, None, w_hh, None, None, table
         else:
             inputs = layer_input, None, w_ih, w_hh, b_ih, b_hh, None
-        layer_input, h, c = _Layer.apply(
-            *inputs, h0, c0, rate, seed, recurrent_rate, recurrent_seed, locked, amx
-        )
+        if steps == 0 or batch == 0:
+            # Nothing to run (the kernel wants a step and a row): an empty output, and the
+            # state as given. The seeds above are drawn all the same, so that the generator
+            # moves on as it would for any length.
+            layer_input = h0.new_empty(steps, padded, rnn.hidden_size, dtype=torch.bfloat16)
+            h, c = h0, c0
+        else:
+            layer_input, h, c = _Layer.apply(
+                *inputs, h0, c0, rate, seed, recurrent_rate, recurrent_seed, locked, amx
+            )
         outputs.append(layer_input[:, :batch])
         finals_h.append(h)
         finals_c.append(c)
@@ -154,16 +162,26 @@ class _Layer(torch.autograd.Function):
         forward_weights, backward_weights = _pack(w_ih, w_hh, padded)
         table = table.detach().float().contiguous()
         c0 = c0.float().contiguous()
-        saved = torch.empty(
-            steps * batch * hidden * _fused_lstm.SAVED_BYTES_PER_UNIT, dtype=torch.uint8
-        )
+        saved_size = (steps * batch * hidden * _fused_lstm.SAVED_BYTES_PER_UNIT,)
+        saved = torch.empty(saved_size, dtype=torch.uint8)
         out = torch.empty(steps, batch, hidden, dtype=torch.bfloat16)
         h_last = torch.empty(batch, hidden)
         c_last = torch.empty(batch, hidden)
+        gates, rows, state = 4 * hidden, (steps, batch), (batch, hidden)
+        buffers = _buffers(
+            ("xh", joined, torch.bfloat16, (*rows, padded + hidden)),
+            ("packed weights", forward_weights, torch.bfloat16, (gates * (padded + hidden),)),
+            ("bias", table, torch.float32, (gates,) if ids is None else (table.shape[0], gates)),
+            ("ids", ids, torch.int32, rows),
+            ("c0", c0, torch.float32, state),
+            ("saved", saved, torch.uint8, saved_size),
+            ("out", out, torch.bfloat16, (*rows, hidden)),
+            ("h_last", h_last, torch.float32, state),
+            ("c_last", c_last, torch.float32, state),
+        )
         _fused_lstm.forward(
-            steps, batch, padded, hidden, *_pointers(joined, forward_weights, table),
-            _id_pointer(ids), *_pointers(c0, saved, out, h_last, c_last), 1 - rate, seed,
-            1 - recurrent_rate, recurrent_seed, locked, amx,
+            steps, batch, padded, hidden, *buffers, 1 - rate, seed, 1 - recurrent_rate,
+            recurrent_seed, locked, amx,
         )  # fmt: skip
         ctx.save_for_backward(joined, saved, c0, backward_weights, ids)
         ctx.sizes = steps, batch, width, padded, hidden
@@ -186,13 +204,26 @@ class _Layer(torch.autograd.Function):
         d_gates = torch.empty(4 * hidden, rows + 32, dtype=torch.bfloat16)
         d_x = torch.empty(steps, batch, padded, dtype=torch.bfloat16)
         # A lookup layer's kernel adds each row's gates' gradient to its id's row of the table.
-        d_bias = (
-            torch.zeros(4 * hidden) if ctx.vocab is None else torch.zeros(ctx.vocab, 4 * hidden)
+        gates, state = 4 * hidden, (batch, hidden)
+        bias_shape = (gates,) if ctx.vocab is None else (ctx.vocab, gates)
+        d_bias = torch.zeros(bias_shape)
+        before = _buffers(
+            ("d_out", d_out, torch.bfloat16, (steps, batch, hidden)),
+            ("packed weights", backward_weights, torch.bfloat16, (gates * (padded + hidden),)),
+            ("saved", saved, torch.uint8, (rows * hidden * _fused_lstm.SAVED_BYTES_PER_UNIT,)),
+            ("c0", c0, torch.float32, state),
+            ("d_gates", d_gates, torch.bfloat16, (gates, rows + 32)),
         )
-        buffers = (d_out, backward_weights, saved, c0, d_gates)
+        after = _buffers(
+            ("d_x", d_x, torch.bfloat16, (steps, batch, padded)),
+            ("d_h", d_h, torch.float32, state),
+            ("d_c", d_c, torch.float32, state),
+            ("d_bias", d_bias, torch.float32, bias_shape),
+            ("ids", ids, torch.int32, (steps, batch)),
+        )
         _fused_lstm.backward(
-            steps, batch, padded, hidden, *_pointers(*buffers), d_gates.stride(0),
-            *_pointers(d_x, d_h, d_c, d_bias), _id_pointer(ids), *ctx.dropout, ctx.amx,
+            steps, batch, padded, hidden, *before, d_gates.stride(0), *after, *ctx.dropout,
+            ctx.amx,
         )  # fmt: skip
         # The weight gradient sums every step's outer product: one large matrix product.
         d_stacked = (d_gates[:, :rows] @ joined.view(rows, padded + hidden)).float()
@@ -212,14 +243,21 @@ def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Te
     """The layer's weights [W_ih | 0 | W_hh] (W_ih's columns padded to ``padded``) in bf16, in
     the kernel's packed layouts: transposed for the forward, as is for the backward."""
     gates, width = w_ih.shape
+    hidden = w_hh.shape[1]
     w_ih = w_ih.detach().float().contiguous()
     w_hh = w_hh.detach().float().contiguous()
-    forward = torch.empty(gates * (padded + w_hh.shape[1]), dtype=torch.bfloat16)
+    forward = torch.empty(gates * (padded + hidden), dtype=torch.bfloat16)
     backward = torch.empty_like(forward)
-    _fused_lstm.pack(
-        w_ih.data_ptr(), w_hh.data_ptr(), width, padded, w_hh.shape[1],
-        forward.data_ptr(), backward.data_ptr(),
-    )  # fmt: skip
+    weights = _buffers(
+        ("W_ih", w_ih, torch.float32, (4 * hidden, width)),
+        ("W_hh", w_hh, torch.float32, (4 * hidden, hidden)),
+    )
+    size = (4 * hidden * (padded + hidden),)
+    packed = _buffers(
+        ("packed weights", forward, torch.bfloat16, size),
+        ("packed weights", backward, torch.bfloat16, size),
+    )
+    _fused_lstm.pack(*weights, width, padded, hidden, *packed)
     return forward, backward
 
 
@@ -229,16 +267,35 @@ def _seed(rate: float, generator: torch.Generator | None) -> int:
     return int(torch.randint(2**62, (), generator=generator)) if rate > 0 else 0
 
 
+def _check_inputs(
+    rnn: nn.LSTM, x: torch.Tensor, state: State | None, embedding: torch.Tensor | None
+) -> None:
+    """What :func:`lstm_forward` is given, checked as torch.nn.LSTM would: the kernel reads
+    every shape off these, and a state for another batch would be padded or cut silently."""
+    if embedding is None:
+        if x.dim() != 3 or x.shape[2] != rnn.input_size:
+            raise ValueError(f"x must be (T, B, {rnn.input_size}), not {tuple(x.shape)}")
+    else:
+        if x.dim() != 2:
+            raise ValueError(f"ids must be (T, B), not {tuple(x.shape)}")
+        if x.dtype not in (torch.int32, torch.int64):  # torch's embedding takes these alone
+            raise TypeError(f"ids must be int32 or int64, not {x.dtype}")
+        if embedding.dim() != 2 or embedding.shape[1] != rnn.input_size:
+            raise ValueError(
+                f"the embedding must be (V, {rnn.input_size}), not {tuple(embedding.shape)}"
+            )
+    if state is not None:
+        expected = (rnn.num_layers, x.shape[1], rnn.hidden_size)
+        for part in state:
+            if tuple(part.shape) != expected:
+                raise ValueError(f"each state part must be {expected}, not {tuple(part.shape)}")
+
+
 def _check_ids(ids: torch.Tensor, vocab: int) -> None:
-    """The kernel reads and writes row ``id`` of a (V, 4H) table unchecked: an id outside the
-    vocabulary must fail here, as in torch's embedding, not touch memory past the table."""
+    """The kernel reads and writes row ``id`` of a (V, 4H) table: an id outside the vocabulary
+    must fail here, as in torch's embedding (the kernel's own check sees ids only as int32)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise IndexError(f"an input id lies outside the vocabulary of {vocab} symbols")
-
-
-def _id_pointer(ids: torch.Tensor | None) -> int:
-    """The address of a lookup layer's ids, or 0 (NULL) for a layer whose input is x."""
-    return 0 if ids is None else _pointers(ids)[0]
 
 
 def _dense(grad: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -256,7 +313,25 @@ def _pad_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
-def _pointers(*tensors: torch.Tensor) -> list[int]:
-    for t in tensors:
-        assert t.is_contiguous() and t.device.type == "cpu"
-    return [t.data_ptr() for t in tensors]
+def _buffers(*specs: tuple[str, torch.Tensor | None, torch.dtype, tuple[int, ...]]) -> list[int]:
+    """Each (name, tensor, dtype, shape) as the kernel takes a buffer: its address and its size
+    in bytes, (0, 0) for None. The kernel reads and writes these as raw memory of that layout,
+    so any other dtype, shape, device or a non-contiguous tensor is an error raised here (not
+    an assert, which ``python -O`` strips)."""
+    parts = []
+    for name, t, dtype, shape in specs:
+        if t is None:
+            parts += [0, 0]
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"LSTM kernel: {name} must be a tensor, not {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"LSTM kernel: {name} must be {dtype}, not {t.dtype}")
+        if t.device.type != "cpu":
+            raise ValueError(f"LSTM kernel: {name} must be on the CPU, not {t.device}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"LSTM kernel: {name} must be {tuple(shape)}, not {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"LSTM kernel: {name} must be contiguous")
+        parts += [t.data_ptr(), t.numel() * t.element_size()]
+    return parts

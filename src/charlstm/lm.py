@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from charlstm.checkpoint import read_checkpoint
-from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
+from charlstm.config import DEFAULT_PROMPT, DynamicEvalConfig, RunConfig, SampleConfig
 from charlstm.data import (
     BYTES,
     Sources,
     Vocab,
+    available_memory,
     iter_symbols,
     kept_stdin,
     load_corpus,
@@ -76,8 +77,9 @@ class CharLM:
         self, num_samples: int, prompt: str = "\n", length: int = 500, **settings: Any
     ) -> list[str]:
         """``num_samples`` independent continuations of ``prompt``, generated as one batch."""
+        columns = self._columns(prompt, length, num_samples, **settings)  # checks come first
         pieces: list[list[str]] = [[] for _ in range(num_samples)]
-        for column in self._columns(prompt, length, num_samples, **settings):
+        for column in columns:
             for piece, text in zip(pieces, column, strict=True):
                 piece.append(text)
         return ["".join(p) for p in pieces]
@@ -119,10 +121,16 @@ class CharLM:
     ) -> EvalResult:
         """Like :meth:`evaluate_files` on the validation split of the text this model was
         trained on, read again from the files its configuration names (in its encoding), or for
-        text that came from standard input, from the copy kept of it."""
+        text that came from standard input, from the copy kept of it. Refused if that text is
+        no longer the one the model was trained on: its split would be other text."""
+        data = self.config.data
         fingerprint = self.info.get("corpus", {}).get("fingerprint")
-        stdin = kept_stdin(self.config.data, fingerprint)
-        corpus = load_corpus(self.config.data, vocab=self.vocab, stdin=stdin)
+        corpus = load_corpus(data, vocab=self.vocab, stdin=kept_stdin(data, fingerprint))
+        if fingerprint and corpus.fingerprint != fingerprint:
+            raise CharLSTMError(
+                f"the training text ({' '.join(data.data + data.val_data)}) changed since the "
+                "model was trained on it, so its validation split is other text now"
+            )
         return self._evaluate_blocks([corpus.val], dynamic, progress)
 
     def _evaluate_blocks(
@@ -155,10 +163,16 @@ class CharLM:
         """Per step, the next piece of text of each sample; settings are checked at once."""
         config = SampleConfig(prompt=prompt, length=length, num_samples=num_samples, **settings)
         config.validate()
-        prompt_ids = self.vocab.encode(prompt, unknown=config.unknown, what="prompt")
+        # The default newline starts a model whose text had none from its stand-in for one.
+        unknown = "replace" if prompt == DEFAULT_PROMPT else config.unknown
+        prompt_ids = self.vocab.encode(prompt, unknown=unknown, what="prompt")
         if len(prompt_ids) == 0:
             raise CharLSTMError("the prompt is empty; give at least one character (default: \\n)")
-        decoders = [_piece_decoder(self.vocab) for _ in range(num_samples)]
+        self._check_sampling_memory(num_samples, length)
+        if self.vocab.kind == BYTES:  # each sample's decoder holds its unfinished character
+            decoders = [_piece_decoder(self.vocab) for _ in range(num_samples)]
+        else:
+            decoders = [_piece_decoder(self.vocab)] * num_samples  # stateless: one serves all
         steps = generate_ids(
             self.net,
             torch.from_numpy(prompt_ids.astype(np.int64)),
@@ -176,6 +190,23 @@ class CharLM:
             ]
             for step, ids in enumerate(steps)
         )
+
+    def _check_sampling_memory(self, num_samples: int, length: int) -> None:
+        """Refuse a batch of samples that cannot fit in memory before allocating any of it
+        (its state and logits, and, for several samples, the text kept until the end)."""
+        mc = self.config.model
+        state = mc.n_layers * mc.hidden_dim * (2 if mc.cell == "lstm" else 1)
+        # fp32 states (torch's and numpy's), fp32 logits and two fp64 rows of probabilities.
+        per_sample = 8 * state + 20 * self.vocab.size
+        if num_samples > 1:
+            per_sample += 8 * length  # generate_batch keeps a reference per character
+        needed, available = num_samples * per_sample, available_memory()
+        if available is not None and needed > available:
+            raise CharLSTMError(
+                f"{num_samples:,} samples of {length:,} characters need at least "
+                f"{needed / 1e9:,.1f} GB of memory and {available / 1e9:,.1f} GB is available: "
+                "use a smaller --num-samples or --length"
+            )
 
 
 def _first_detail(error: Exception) -> str:

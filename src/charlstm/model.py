@@ -76,6 +76,10 @@ class CharRNN(nn.Module):
     ) -> tuple[torch.Tensor, State]:
         """What the head reads at every position, (B, T, heads x H), and the new state:
         :meth:`forward` without its last product, for a loss taken a slice at a time."""
+        if x.shape[1] == 0:  # no step to run (torch's layers refuse one): the state as given
+            width = self.head.in_features
+            state = state if state is not None else self.initial_state(x.shape[0])
+            return self.head.weight.new_zeros(x.shape[0], 0, width), state
         rate = self.config.dropout if self.training else 0.0
         recurrent_rate = self.config.recurrent_dropout if self.training else 0.0
         locked = self.config.dropout_mask == "sequence"
@@ -142,6 +146,14 @@ class CharRNN(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def weight_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight of a :class:`CharRNN`, computed without allocating
+    any (on PyTorch's meta device), to check a weight file before anything is built."""
+    with torch.device("meta"):
+        net = CharRNN(config, vocab_size)
+    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
 def dropout(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from charlstm.model import WEIGHT_NAMES, CharRNN, State
+from charlstm.model import MAX_LOGITS, WEIGHT_NAMES, CharRNN, State
 
 
 def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -106,11 +106,13 @@ def generate_ids(
     net.eval()
     rng = np.random.default_rng(seed)  # None: fresh entropy from the operating system
     try:
-        inputs = prompt.to(device=device, dtype=torch.long).unsqueeze(0).expand(num_samples, -1)
         # Inference mode around the calls into torch only: entered on every resumption of this
         # generator, it would cost a CPU character a tenth of its time.
         with torch.inference_mode():
-            logits, state = net(inputs)
+            logits, state = _read_prompt(net, prompt.to(device=device, dtype=torch.long))
+        # Every sample reads the same prompt: read once, its state is copied to each of them.
+        logits = logits.expand(num_samples, -1, -1)
+        state = tuple(s.expand(-1, num_samples, -1).contiguous() for s in state)
         stepper_class = NumpyStepper if fast and device.type == "cpu" else ModuleStepper
         step = stepper_class(net, state)
         last = _array(logits[:, -1])
@@ -121,6 +123,19 @@ def generate_ids(
                 last = step(ids)
     finally:
         net.train(was_training)
+
+
+def _read_prompt(net: CharRNN, prompt: torch.Tensor) -> tuple[torch.Tensor, State]:
+    """The logits after the last character of a 1-D prompt (1, 1, V) and the state there. A
+    long prompt is read in pieces, the state carried, so its logits never take more than
+    MAX_LOGITS numbers."""
+    piece = max(1, MAX_LOGITS // net.vocab_size)
+    state = None
+    for start in range(0, len(prompt), piece):
+        logits, state = net(prompt[start : start + piece].unsqueeze(0), state)
+    if state is None:
+        raise ValueError("the prompt is empty: give at least one id")
+    return logits[:, -1:], state
 
 
 class ModuleStepper:

@@ -33,6 +33,7 @@ from charlstm.budget import MIN_STEPS, BudgetPlan, check_budget, format_seconds,
 from charlstm.checkpoint import (
     read_checkpoint,
     read_resume_state,
+    readable_checkpoint,
     recover_checkpoint,
     write_checkpoint,
 )
@@ -53,6 +54,7 @@ from charlstm.lm import CharLM
 from charlstm.model import CharRNN, State, detach_state
 from charlstm.muon import MuonAdamW
 from charlstm.plot import CURVES_FILE, METRICS_FILE, write_curves
+from charlstm.runlock import LOCK_FILE, run_lock
 from charlstm.shards import Shards, shard_count
 
 # What a run directory may hold before its first last/ checkpoint (best/ and the curves come first).
@@ -124,12 +126,32 @@ def _train(
     adapt: Callable[[float], RunConfig] | None,
 ) -> TrainResult:
     world.check_batch(config.train.batch_size)
-    # Rank 0 first: finding the checkpoint repairs one that a crash left set aside.
-    resume_from = world.main_first(find_resume_checkpoint, config.train)
-    if resume_from is not None:
-        run_dir = resume_from.parent
-    else:  # decided once, by rank 0: the default name holds the time
-        run_dir = Path(world.from_main(lambda: str(_new_run_dir(config))))
+    # Decided once, by rank 0: the default name holds the time.
+    run_dir = Path(world.from_main(lambda: str(_run_dir(config))))
+    made_here = world.is_main and not run_dir.exists()
+    with contextlib.ExitStack() as lock:
+        world.on_main(lock.enter_context, run_lock(run_dir))  # one writer per run directory
+        try:
+            return _train_locked(config, progress, started, world, adapt, run_dir)
+        except BaseException:
+            if made_here and not _entries(run_dir):  # a failed start leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def _train_locked(
+    config: RunConfig,
+    progress: bool,
+    started: float,
+    world: World,
+    adapt: Callable[[float], RunConfig] | None,
+    run_dir: Path,
+) -> TrainResult:
+    if config.train.resume:  # the lock holder alone may put back what a crash set aside
+        world.on_main(recover_checkpoint, run_dir / "last")
+    resume_from = find_resume_checkpoint(config.train)
+    if resume_from is None:
+        world.on_main(_check_new_run_dir, config, run_dir)
     saved = read_checkpoint(resume_from) if resume_from else None
     if saved is not None:
         changed = _check_resume_compatible(saved.config, config)
@@ -165,8 +187,7 @@ def _train(
     trainer.plan_evaluation(train_speed)  # may refuse the budget: before any file is touched
     if resume_from is None:
         # Only now, with every input checked, may an --overwrite'd old run be removed.
-        replace = config.train.overwrite or config.train.resume == "auto"
-        world.on_main(_create_run_dir, run_dir, replace=replace)
+        world.on_main(_prepare_run_dir, run_dir)
     if saved is not None and resume_from is not None:
         trainer.restore(resume_from, saved.weights)
     try:
@@ -457,7 +478,8 @@ class _Trainer:
         if not self.world.is_main:
             return contextlib.nullcontext()  # rank 0 alone writes the log
         try:
-            return open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+            # Unbuffered: each line is one write, and a full disk cannot fail again at close.
+            return open(self.run_dir / METRICS_FILE, "ab", buffering=0)
         except OSError as e:
             raise CharLSTMError(f"cannot write {self.run_dir / METRICS_FILE}: {e}") from None
 
@@ -735,8 +757,42 @@ class _Trainer:
         return tensors, json_state
 
     def restore(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-        """Continue from a ``last/`` checkpoint: weights, optimizer, clock, data position, RNG."""
+        """Continue from a ``last/`` checkpoint: weights, optimizer, clock, data position, RNG.
+        Resume state that does not fit this run is refused in one line, whatever is wrong."""
         tensors, state = read_resume_state(directory)
+        try:
+            _check_resume_json(state)
+            self._check_resume_tensors(tensors)
+            self._restore(directory, weights, tensors, state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            what = f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]
+            raise CharLSTMError(
+                f"{directory}: its resume state does not fit this run ({what}); start a new run "
+                "instead (--overwrite, or another --out)"
+            ) from None
+
+    def _check_resume_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Optimizer moments and carried state must have this model's sizes: a mismatch would
+        otherwise surface as an error in the middle of the first step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                index = int(name.split(".")[1])
+                if value.dim() > 0 and value.numel() != params[index].numel():
+                    raise ValueError(f"{name} has {value.numel()} values for a parameter of "
+                                     f"{params[index].numel()}")  # fmt: skip
+            elif name.startswith("state."):
+                wanted = self.net.initial_state(self.tc.batch_size)[0].shape
+                if value.shape != wanted:
+                    raise ValueError(f"{name} has shape {list(value.shape)}, not {list(wanted)}")
+
+    def _restore(
+        self,
+        directory: Path,
+        weights: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any],
+    ) -> None:
         self.net.load_state_dict(weights)
         if self.average is not None:
             prefix = len(TRAINING_WEIGHTS)
@@ -794,8 +850,7 @@ class _Trainer:
             record["epoch"] = round(self.batcher.epochs_done, 6)
         # One write per whole line, flushed, so a crash leaves whole lines only.
         try:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.write((json.dumps(record) + "\n").encode())
         except OSError as e:
             raise CharLSTMError(
                 f"cannot write {self.run_dir / METRICS_FILE}: {e.strerror or e} (the last "
@@ -935,56 +990,106 @@ def _make_optimizer(
 
 
 def find_resume_checkpoint(tc: TrainConfig) -> Path | None:
-    """The ``last/`` checkpoint that ``--resume`` points at, or None for a fresh run."""
+    """The ``last/`` checkpoint that ``--resume`` points at, or None for a fresh run.
+
+    Changes nothing on disk: a checkpoint that a crash left set aside counts, and the run
+    puts it back once it holds the run directory's lock."""
     if not tc.resume:
         return None
     if tc.resume == "auto":
         if not tc.out:
             raise CharLSTMError("--resume auto needs --out RUN_DIR to know which run to continue")
         last = Path(tc.out).expanduser() / "last"
-        recover_checkpoint(last)
-        return last if (last / "config.json").is_file() else None
+        return last if readable_checkpoint(last) else None
     last = Path(tc.resume).expanduser() / "last"
-    recover_checkpoint(last)
-    if not (last / "config.json").is_file():
+    if not readable_checkpoint(last):
         raise CharLSTMError(
             f"--resume {tc.resume}: not a run directory with a last/ checkpoint to continue"
         )
     return last
 
 
-def _new_run_dir(config: RunConfig) -> Path:
-    """The directory for a fresh run, refused early if it holds a run and --overwrite is off."""
+def _check_resume_json(state: dict[str, Any]) -> None:
+    """Raise ValueError unless resume.json's fields have the types and ranges a run writes."""
+
+    count = _is_count
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+    checks = {
+        "step": count,
+        "elapsed": lambda v: number(v) and math.isfinite(v),
+        "best_val": lambda v: v is None or (number(v) and math.isfinite(v)),
+        "batcher": lambda v: isinstance(v, dict) and v and all(map(count, v.values())),
+        "param_groups": lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+        "scaler": lambda v: isinstance(v, dict),
+        "log_window": lambda v: isinstance(v, list) and len(v) == 2 and number(v[0])
+        and count(v[1]),
+        "eval_slice": lambda v: v is None or count(v),
+    }  # fmt: skip
+    optional = ("scaler", "eval_slice")  # absent from runs saved before they existed
+    for name, valid in checks.items():
+        if name not in state and name not in optional:
+            raise KeyError(f"resume.json lacks {name}")
+        if name in state and not valid(state[name]):
+            raise ValueError(f"resume.json has {name} = {str(state[name])[:60]}")
+
+
+def _run_dir(config: RunConfig) -> Path:
+    """The run directory a run writes: the one it resumes, --out, or a new name."""
     tc = config.train
-    run_dir = Path(tc.out).expanduser() if tc.out else _default_run_dir(config)
+    resumes = find_resume_checkpoint(tc) is not None  # its errors before anything is created
+    if tc.resume and tc.resume != "auto":
+        run_dir = Path(tc.resume).expanduser()
+        if not run_dir.is_dir():
+            raise CharLSTMError(
+                f"--resume {tc.resume}: not a run directory with a last/ checkpoint to continue"
+            )
+    else:
+        run_dir = Path(tc.out).expanduser() if tc.out else _default_run_dir(config)
+    if run_dir.is_symlink():  # a run must not clear or replace what a link points into
+        raise CharLSTMError(
+            f"run directory {run_dir} is a symbolic link; give the directory itself, "
+            f"{run_dir.resolve()}"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise CharLSTMError(f"--out {run_dir} is a file, not a directory")
-    if tc.resume == "auto" and _holds_no_checkpoint(run_dir):
-        return run_dir  # a run that stopped before its first checkpoint simply starts again
-    if run_dir.exists() and any(run_dir.iterdir()) and not tc.overwrite:
+    if not resumes:  # and again once locked, in case another run started there meanwhile
+        _check_new_run_dir(config, run_dir)
+    return run_dir
+
+
+def _check_new_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Refuse to start a fresh run in a directory that holds a run, unless --overwrite."""
+    tc = config.train
+    # What a run leaves that stopped before its first checkpoint: nothing to continue, so the
+    # same command starts it again (--resume auto also restarts one that saved only best/).
+    restartable = PRE_CHECKPOINT_FILES if tc.resume == "auto" else PRE_CHECKPOINT_FILES - {"best"}
+    if all(entry.name in restartable or ".tmp-" in entry.name for entry in _entries(run_dir)):
+        return
+    if not tc.overwrite:
         raise CharLSTMError(
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it "
             "or --overwrite to replace it"
         )
-    return run_dir
 
 
-def _holds_no_checkpoint(run_dir: Path) -> bool:
-    """True if ``run_dir`` is absent or holds only what a run writes before its first ``last/``."""
+def _entries(run_dir: Path) -> list[Path]:
+    """What ``run_dir`` holds besides the writer's lock."""
     if not run_dir.is_dir():
-        return True
-    return all(
-        entry.name in PRE_CHECKPOINT_FILES or ".tmp-" in entry.name for entry in run_dir.iterdir()
-    )
+        return []
+    return [entry for entry in run_dir.iterdir() if entry.name != LOCK_FILE]
 
 
-def _create_run_dir(run_dir: Path, replace: bool) -> None:
-    if replace and run_dir.exists():
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CharLSTMError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+def _prepare_run_dir(run_dir: Path) -> None:
+    """Empty the directory of a fresh run (what :func:`_check_new_run_dir` let it replace),
+    keeping the lock this run holds in it, and check that the run can write there."""
+    for entry in _entries(run_dir):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     if not os.access(run_dir, os.W_OK):
         raise CharLSTMError(f"run directory {run_dir} is not writable")
 
@@ -1013,17 +1118,36 @@ def _check_resume_compatible(saved: RunConfig, wanted: RunConfig) -> list[str]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has no repeats."""
+    """Drop log lines written after the checkpoint we resume from, so the log has no repeats;
+    lines that are not a record (cut short by a crash, or damaged) go too."""
     if not path.exists():
         return
+    if not path.is_file():  # a device such as /dev/zero would be read without end
+        raise CharLSTMError(f"{path} is not a regular file; move it away and resume")
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if record.get("step", 0) <= step:
-            kept.append(line + "\n")
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if (
+                isinstance(record, dict)
+                and _is_count(record.get("step"))
+                and record["step"] <= step
+            ):
+                kept.append(line.rstrip("\n") + "\n")
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CharLSTMError(
+            f"cannot write {path}: {e.strerror or e} (the last checkpoint is intact; free some "
+            "space and resume)"
+        ) from None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
