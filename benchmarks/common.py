@@ -87,7 +87,7 @@ def peak_rss_mb() -> float:
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
-    """A Markdown table, ready to paste into the README."""
+    """A Markdown table, ready to paste into docs/benchmarks.md."""
     cells = [[_cell(v) for v in row] for row in rows]
     print("| " + " | ".join(headers) + " |")
     print("| " + " | ".join("---" for _ in headers) + " |")

@@ -33,7 +33,7 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, *
     return field(default=default, metadata=metadata, **kw)
 
 
-# Chosen by experiment (benchmarks/time_to_quality.py, README "Benchmarks"): the settings that
+# Chosen by experiment (benchmarks/time_to_quality.py, docs/experiments.md): the settings that
 # reach the lowest validation loss on Tiny Shakespeare within each wall-clock budget on a
 # 2-core CPU. The dataclass defaults below are the 5-minute preset itself.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # The default model's training speed on the machine the presets were tuned on: a 2-core
-# AVX-512 BF16 VM, which trained it at 73,000 to 97,000 characters/s (README, Benchmarks).
+# AVX-512 BF16 VM, which trained it at 73,000 to 97,000 characters/s (docs/benchmarks.md).
 PRESET_MACHINE_SPEED = 80_000.0
 # Settings that shape what a run learns; a run given any of them, or a --preset, or a step or
 # epoch limit, keeps the settings it was given rather than having a preset picked for it.
@@ -395,7 +395,7 @@ class DynamicEvalConfig:
 
     The defaults were chosen on the first 20,000 characters of Tiny Shakespeare's validation
     split with a 2 x 384 model; steps of 2e-4 to 5e-4 and pulls of 0.005 to 0.03 score within
-    0.006 nats of them (README, "Time to quality").
+    0.006 nats of them (docs/experiments.md).
     """
 
     dynamic_lr: float = option(
@@ -531,7 +531,7 @@ def preset_for(budget_seconds: float, chars_per_second: float) -> str:
 # Passes over the training text that a budget reads above which the best weights may come
 # before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times to keep them in
 # best/; and above which a preset's network memorises the text part-way through the run unless
-# regularised harder, with at least MANY_EPOCHS_DROPOUT (README: the corpus suite).
+# regularised harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
 SEVERAL_EPOCHS = 6.0
 SEVERAL_EPOCHS_EVALUATIONS = 10
 MANY_EPOCHS = 30.0
