@@ -496,8 +496,9 @@ def error_results(trained_run, shakespeare_200k, session_data_dir, tmp_path_fact
         **damaged,
     }
     commands = []
-    for _, args, _ in ERROR_CASES:
-        command = [arg.format(**paths) for arg in args]
+    for name, args, _ in ERROR_CASES:
+        # Each its own run directory: two runs on one directory at once refuse each other.
+        command = [arg.format(**{**paths, "out": paths["out"] / name}) for arg in args]
         if command[0] == "train":
             command[1:1] = FAST_TRAIN
         commands.append(command)

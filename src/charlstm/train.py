@@ -128,14 +128,14 @@ def _train(
     world.check_batch(config.train.batch_size)
     # Decided once, by rank 0: the default name holds the time.
     run_dir = Path(world.from_main(lambda: str(_run_dir(config))))
-    made_here = world.is_main and not run_dir.exists()
+    made = _first_missing(run_dir) if world.is_main else None  # what this run creates
     with contextlib.ExitStack() as lock:
         world.on_main(lock.enter_context, run_lock(run_dir))  # one writer per run directory
         try:
             return _train_locked(config, progress, started, world, adapt, run_dir)
         except BaseException:
-            if made_here and not _entries(run_dir):  # a failed start leaves nothing behind
-                shutil.rmtree(run_dir, ignore_errors=True)
+            if made is not None and not _wrote_anything(run_dir):  # a failed start leaves nothing
+                shutil.rmtree(made, ignore_errors=True)
             raise
 
 
@@ -166,6 +166,13 @@ def _train_locked(
     if saved is not None:
         stdin = resume_stdin(config.data, saved.info.get("corpus", {}).get("fingerprint"))
     corpus = world.local_main_first(load_corpus, config.data, vocab=vocab, stdin=stdin)
+    if len(corpus.val) < 2:  # nothing to score: refused before the run writes anything
+        data = config.data
+        where = ", ".join(data.val_data) or f"the last {data.val_fraction:g} of --data"
+        raise CharLSTMError(
+            f"the validation text ({where}) has {len(corpus.val)} characters: give it some text "
+            "to score the model on"
+        )
     if saved is not None and saved.info.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
         raise CharLSTMError(
             f"the training text differs from the one {run_dir} was trained on; resume with the "
@@ -1073,6 +1080,21 @@ def _check_new_run_dir(config: RunConfig, run_dir: Path) -> None:
             f"run directory {run_dir} already exists; use --resume {run_dir} to continue it "
             "or --overwrite to replace it"
         )
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet, or None."""
+    missing = None
+    for place in (path, *path.absolute().parents):
+        if place.exists():
+            break
+        missing = place
+    return missing
+
+
+def _wrote_anything(run_dir: Path) -> bool:
+    """True once a run has written something worth keeping: a checkpoint or a log line."""
+    return any(entry.is_dir() or entry.stat().st_size for entry in _entries(run_dir))
 
 
 def _entries(run_dir: Path) -> list[Path]:
