@@ -38,8 +38,8 @@ def encoded_corpus() -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` run in a new interpreter, for a baseline that nothing charlstm sets in
-    its own process reaches (importing charlstm sets OMP_WAIT_POLICY, see its __init__: the
-    new process gets OpenMP's default)."""
+    its own process reaches (the benchmark's own process may have OMP_WAIT_POLICY set: the new
+    process gets OpenMP's default)."""
     context = multiprocessing.get_context("spawn")
     policy = os.environ.pop("OMP_WAIT_POLICY", None)
     try:

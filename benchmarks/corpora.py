@@ -36,7 +36,7 @@ from train_throughput import plain_as_charrnn
 import charlstm
 from charlstm.config import parse_duration
 from charlstm.data import load_corpus
-from charlstm.evaluate import evaluate_ids
+from charlstm.evaluation import evaluate_ids
 from charlstm.suite import SUITE, build_suite_corpus
 
 SAMPLE_CHARS = 240

@@ -35,7 +35,7 @@ from train_throughput import plain_as_charrnn
 
 import charlstm
 from charlstm.config import DynamicEvalConfig, RunConfig, parse_duration
-from charlstm.evaluate import dynamic_evaluate_ids, evaluate_ids
+from charlstm.evaluation import dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 
 WINDOW = 128

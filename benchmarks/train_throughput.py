@@ -42,7 +42,7 @@ from plain import PlainTrainer
 import charlstm
 from charlstm.config import ModelConfig
 from charlstm.device import keep_freed_memory
-from charlstm.evaluate import evaluate_ids
+from charlstm.evaluation import evaluate_ids
 from charlstm.fused_lstm import _fused_lstm, available
 from charlstm.model import CharRNN
 

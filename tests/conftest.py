@@ -13,6 +13,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+# As the charlstm command does (before torch loads): idle OpenMP threads sleep, so the tests'
+# own training does not starve the commands they run beside it, nor they it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

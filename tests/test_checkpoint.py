@@ -139,13 +139,50 @@ def test_a_checkpoint_from_before_the_head_read_every_layer_loads_as_it_was(tmp_
     write_checkpoint(
         tmp_path / "old", config=config, vocab=vocab, weights=net.state_dict(), info={}
     )
-    document = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    document = as_version_1(json.loads((tmp_path / "old" / CONFIG_FILE).read_text()))
     del document["config"]["model"]["head_input"]
     (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(document))
     model = charlstm.load(str(tmp_path / "old"), device="cpu")
     assert model.net.config.head_input == "last"
     with torch.no_grad():
         assert torch.equal(model.net(probe_ids(vocab))[0], net(probe_ids(vocab))[0])
+
+
+def as_version_1(document: dict) -> dict:
+    """A format 2 config.json as format 1 wrote it: how a run is carried out inside the train
+    table, and the dropout options since removed, off."""
+    config = document["config"]
+    config["train"].update(config.pop("session"))
+    config["model"].update(recurrent_dropout=0.0, weight_dropout=0.0, dropout_mask="step")
+    return {**document, "format_version": 1}
+
+
+def test_a_format_1_checkpoint_loads_with_the_same_settings(tmp_path):
+    config, vocab, net = tiny_setup()
+    config = config.with_overrides({"max_steps": 7, "out": "runs/old", "eval_every": 3})
+    write_checkpoint(
+        tmp_path / "old", config=config, vocab=vocab, weights=net.state_dict(), info={}
+    )
+    path = tmp_path / "old" / CONFIG_FILE
+    path.write_text(json.dumps(as_version_1(json.loads(path.read_text()))))
+    assert read_checkpoint(tmp_path / "old").config == config
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("recurrent_dropout", 0.25), ("weight_dropout", 0.1), ("dropout_mask", "sequence")],
+)
+def test_a_format_1_checkpoint_that_used_a_removed_option_is_refused_by_name(
+    tmp_path, option, value
+):
+    save(tmp_path / "old")
+    path = tmp_path / "old" / CONFIG_FILE
+    document = as_version_1(json.loads(path.read_text()))
+    document["config"]["model"][option] = value
+    path.write_text(json.dumps(document))
+    message = _one_line_error(tmp_path / "old")
+    assert f"{option.replace('_', '-')} {value}" in message
+    assert "no longer has" in message and "charlstm 0.1" in message
 
 
 def test_load_of_a_trained_run_matches_its_best_checkpoint(trained_run):

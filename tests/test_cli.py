@@ -114,6 +114,22 @@ def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_d
     # stdout is the sample alone: 40 characters and a newline.
     assert len(result.stdout) == 41 and result.stdout.endswith("\n")
     assert {"best", "last", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    # stderr is not a terminal: status lines, not a bar's carriage-return frames; the last one
+    # after the closing evaluation, with the best validation loss in bits per character.
+    assert "\r" not in result.stderr
+    assert re.search(r"^step 30/30 \| 100% \| train \d\.\d{3} bpc \| [\d,]+ chars/s \| "
+                     r"val \d\.\d{3} bpc \| \d+s in all$", result.stderr, re.M)  # fmt: skip
+
+
+def test_train_quiet_prints_only_the_closing_line_and_the_sample(
+    small_corpus, isolated_data_dir, tmp_path
+):
+    out = tmp_path / "run"
+    args = ["train", "--data", small_corpus, "--out", out, *FAST_TRAIN, "--sample-length", "20"]
+    result = ok(run_cli([*args, "--quiet"], isolated_data_dir, tmp_path))
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done: 5 steps in "), result.stderr
+    assert len(result.stdout) == 21
 
 
 def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
@@ -141,9 +157,10 @@ def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
     assert line and line[1] == "1m" and int(line[2].replace(",", "")) > 0
     saved = json.loads((tmp_path / "picked" / "last" / "config.json").read_text("utf-8"))
     model, train_ = saved["config"]["model"], saved["config"]["train"]
+    session = saved["config"]["session"]
     assert (model["n_layers"], model["hidden_dim"], model["dropout"]) == (1, 384, 0.0)
-    assert (train_["preset"], train_["seq_len"], train_["time_budget"]) == ("1m", 64, "20s")
-    assert (train_["eval_every"], train_["precision"]) == (7, "fp32")
+    assert (train_["preset"], train_["seq_len"], session["time_budget"]) == ("1m", 64, "20s")
+    assert (session["eval_every"], train_["precision"]) == (7, "fp32")
     assert "model: lstm 1x384" in picked.stderr
     # A run that sets its own learning settings keeps the defaults around them, unmeasured.
     assert not re.search(r"^preset ", ok(chosen).stderr, re.M)
@@ -177,8 +194,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     config = tmp_path / "run.toml"
     config.write_text(
         "sample-length = 0\n"
-        '[model]\nhidden-dim = 48\nembed_dim = 16\ndropout-mask = "sequence"\n'
-        "recurrent-dropout = 0.25\n"
+        '[model]\nhidden-dim = 48\nembed_dim = 16\nhead-input = "last"\ndropout = 0.25\n'
         "[train]\nmax_steps = 1000\nbatch_size = 8\nseq_len = 32\nlr = 0.005\n"
         'device = "cpu"\nprecision = "fp32"\n',
         encoding="utf-8",
@@ -197,8 +213,8 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     assert saved["step"] == 6  # --max-steps 6 beat the file's 1000
     assert saved["config"]["model"]["hidden_dim"] == 48
     assert saved["config"]["model"]["embed_dim"] == 16
-    assert saved["config"]["model"]["dropout_mask"] == "sequence"
-    assert saved["config"]["model"]["recurrent_dropout"] == 0.25
+    assert saved["config"]["model"]["head_input"] == "last"
+    assert saved["config"]["model"]["dropout"] == 0.25
     assert (saved["config"]["train"]["batch_size"], saved["config"]["train"]["seq_len"]) == (8, 32)
     assert saved["config"]["train"]["lr"] == 0.002  # the flag beat the file's 0.005
 
@@ -210,8 +226,8 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     saved = json.loads((out / "last" / "config.json").read_text(encoding="utf-8"))
     assert saved["step"] == 9
     assert saved["config"]["model"]["hidden_dim"] == 48
-    assert saved["config"]["model"]["dropout_mask"] == "sequence"
-    assert saved["config"]["model"]["recurrent_dropout"] == 0.25
+    assert saved["config"]["model"]["head_input"] == "last"
+    assert saved["config"]["model"]["dropout"] == 0.25
 
 
 # ---- sample ---------------------------------------------------------------------------------

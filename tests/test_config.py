@@ -8,24 +8,17 @@ import json
 import pytest
 
 from charlstm.config import (
-    MANY_EPOCHS_DROPOUT,
     MAX_CONFIG_BYTES,
-    PRESET_MACHINE_SPEED,
-    PRESETS,
     SECTION_OF,
-    SEVERAL_EPOCHS,
-    SEVERAL_EPOCHS_EVALUATIONS,
     DataConfig,
     DynamicEvalConfig,
     ModelConfig,
     RunConfig,
     SampleConfig,
+    SessionConfig,
     TrainConfig,
-    choose_preset,
     load_config_file,
     parse_duration,
-    picks_preset,
-    preset_for,
 )
 from charlstm.errors import CharLSTMError
 
@@ -53,24 +46,23 @@ def test_to_dict_from_dict_round_trip_through_json():
     config = RunConfig(
         model=ModelConfig(cell="gru", embed_dim=16, hidden_dim=48, n_layers=3, dropout=0.5),
         data=DataConfig(data=["a.txt", "b/"], val_data=["v.txt"], val_fraction=0.25),
-        train=TrainConfig(
-            batch_size=7, seq_len=33, batching="random", lr=0.5, max_steps=12, max_epochs=1.5,
-            time_budget="2m", out="runs/x", resume="auto", overwrite=True, seed=9,
-        ),
+        train=TrainConfig(batch_size=7, seq_len=33, batching="random", lr=0.5, seed=9),
+        session=SessionConfig(max_steps=12, max_epochs=1.5, time_budget="2m", out="runs/x",
+                              resume="auto", overwrite=True),
     )  # fmt: skip
     restored = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
-    assert restored.to_dict()["train"]["max_epochs"] == 1.5
+    assert restored.to_dict()["session"]["max_epochs"] == 1.5
     assert restored.data.val_data == ["v.txt"]
 
 
 def test_to_dict_is_nested_by_section():
     """to_dict has one table per section holding exactly that section's fields."""
     values = RunConfig().to_dict()
-    assert set(values) == {"model", "data", "train"}
+    assert set(values) == {"model", "data", "train", "session"}
     assert values["model"]["hidden_dim"] == 256
     assert values["data"]["data"] == ["shakespeare"]
-    assert values["train"]["max_steps"] is None
+    assert values["session"]["max_steps"] is None
 
 
 def test_from_dict_missing_sections_take_defaults():
@@ -122,7 +114,7 @@ def test_with_overrides_accepts_kebab_and_snake_names():
     assert config.model.n_layers == 1
     assert config.data.val_fraction == 0.2
     assert config.train.batch_size == 4
-    assert config.train.max_steps == 9
+    assert config.session.max_steps == 9
     assert base == RunConfig(), "the original is left untouched"
 
 
@@ -162,7 +154,7 @@ def test_with_overrides_rejects_wrong_types(key, value, shown):
 
 def test_optional_fields_accept_none():
     config = RunConfig().with_overrides({"max_steps": 5}).with_overrides({"max-steps": None})
-    assert config.train.max_steps is None
+    assert config.session.max_steps is None
 
 
 # --- config files -------------------------------------------------------------------------------
@@ -204,7 +196,7 @@ def test_load_config_file_section_tables(tmp_path):
     assert config.train.batch_size == 8
     assert config.train.seq_len == 16
     assert config.train.batching == "random"
-    assert config.train.budget_seconds() == 90.0
+    assert config.session.budget_seconds() == 90.0
 
 
 def test_load_config_file_accepts_str_path(tmp_path):
@@ -331,7 +323,7 @@ def test_time_budget_as_toml_number(tmp_path):
     """The help text offers `90` as a budget; written as a TOML number it should work too."""
     path = write_toml(tmp_path, "time-budget = 90\n")
     config = RunConfig().with_overrides(load_config_file(path))
-    assert config.train.budget_seconds() == 90.0
+    assert config.session.budget_seconds() == 90.0
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -351,14 +343,6 @@ RUN_CONFIG_ERRORS = [
     ({"dropout": 1.0}, "--dropout must be in [0, 1)"),
     ({"dropout": -0.1}, "--dropout must be in [0, 1)"),
     ({"dropout": float("nan")}, "--dropout must be a finite number, got nan"),
-    ({"weight_dropout": 1.0}, "--weight-dropout must be in [0, 1)"),
-    ({"weight_dropout": -0.1}, "--weight-dropout must be in [0, 1)"),
-    ({"recurrent_dropout": 1.0}, "--recurrent-dropout must be in [0, 1)"),
-    (
-        {"cell": "gru", "recurrent_dropout": 0.2},
-        "--recurrent-dropout drops an LSTM's cell update and --cell gru has none: use --cell "
-        "lstm, or --dropout and --weight-dropout",
-    ),
     ({"data": []}, "--data needs at least one file, directory or corpus name"),
     ({"val_fraction": 0.0}, "--val-fraction must be in (0, 1)"),
     ({"val_fraction": 1.0}, "--val-fraction must be in (0, 1)"),
@@ -394,8 +378,6 @@ RUN_CONFIG_ERRORS = [
     ({"min_lr_ratio": float("nan")}, "--min-lr-ratio must be a finite number, got nan"),
     ({"max_epochs": float("inf")}, "--max-epochs must be a finite number, got inf"),
     ({"val_fraction": float("nan")}, "--val-fraction must be a finite number, got nan"),
-    ({"weight_dropout": float("inf")}, "--weight-dropout must be a finite number, got inf"),
-    ({"recurrent_dropout": float("nan")}, "--recurrent-dropout must be a finite number, got nan"),
     (
         {"resume": "runs/a", "overwrite": True},
         "--resume runs/a continues a run and --overwrite replaces one: give one of them, not both",
@@ -432,7 +414,7 @@ def test_run_config_validate_messages_name_the_flag(overrides, flag):
         ("schedule", "--schedule"),
         ("precision", "--precision"),
         ("device", "--device"),
-        ("dropout_mask", "--dropout-mask"),
+        ("head_input", "--head-input"),
     ],
 )
 def test_choices_are_validated(field, flag):
@@ -552,7 +534,7 @@ def test_parse_duration_rejects(text):
 )
 def test_budget_seconds(settings, budget):
     """Five minutes when nothing says when to stop; otherwise only an explicit budget."""
-    assert TrainConfig(**settings).budget_seconds() == budget
+    assert SessionConfig(**settings).budget_seconds() == budget
 
 
 # --- flag names ---------------------------------------------------------------------------------
@@ -565,119 +547,19 @@ def test_flag_names_are_unique_across_sections():
         for section in dataclasses.fields(RunConfig)
         for f in dataclasses.fields(section.default_factory)
     }
-    total = sum(len(dataclasses.fields(cls)) for cls in (ModelConfig, DataConfig, TrainConfig))
+    total = sum(
+        len(dataclasses.fields(cls))
+        for cls in (ModelConfig, DataConfig, TrainConfig, SessionConfig)
+    )
     assert len(SECTION_OF) == total
     assert expected == SECTION_OF
     assert SECTION_OF["hidden_dim"] == "model"
     assert SECTION_OF["val_fraction"] == "data"
-    assert SECTION_OF["time_budget"] == "train"
+    assert SECTION_OF["time_budget"] == "session"
+    assert SECTION_OF["lr"] == "train"
 
 
 def test_every_field_has_help():
     for cls in (ModelConfig, DataConfig, TrainConfig, SampleConfig, DynamicEvalConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
-
-
-# --- presets ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_preset_applies_its_settings_and_flags_win(name):
-    config = RunConfig().with_overrides({"preset": name})
-    flat = {**dataclasses.asdict(config.model), **dataclasses.asdict(config.data),
-            **dataclasses.asdict(config.train)}  # fmt: skip
-    assert flat["preset"] == name
-    assert {key: flat[key] for key in PRESETS[name]} == PRESETS[name]
-    assert config.train.budget_seconds() == parse_duration(name)
-    mine = RunConfig().with_overrides({"preset": name, "time-budget": "7s", "seed": 5})
-    assert (mine.train.time_budget, mine.train.seed) == ("7s", 5)
-
-
-def test_the_defaults_are_the_5m_preset():
-    assert RunConfig().with_overrides({"preset": "5m"}).with_overrides({"preset": None}) == (
-        RunConfig().with_overrides({"time_budget": "5m"})
-    )
-
-
-def test_unknown_preset_is_refused():
-    config = RunConfig().with_overrides({"preset": "2h"})
-    assert error_of(config.validate) == "--preset must be one of 1m, 5m, 20m, not '2h'"
-
-
-@pytest.mark.parametrize(
-    ("budget", "speed_ratio", "expected"),
-    [
-        ("1m", 1.0, "1m"), ("5m", 1.0, "5m"), ("20m", 1.0, "20m"),  # the presets' own machine
-        ("5m", 1 / 8, "1m"),  # 5 minutes 8x slower train what 38 s train there
-        ("20m", 1 / 8, "5m"),  # 150 s there: nearer 5m than 1m on a log scale
-        ("20m", 1 / 30, "1m"),
-        ("1m", 12.0, "20m"),  # 12 minutes' worth there
-        ("2h", 1.0, "20m"),  # beyond the longest preset, the longest
-        ("10s", 1.0, "1m"),
-    ],
-)  # fmt: skip
-def test_preset_for_picks_the_preset_tuned_for_the_same_training(budget, speed_ratio, expected):
-    speed = PRESET_MACHINE_SPEED * speed_ratio
-    assert preset_for(parse_duration(budget), speed) == expected
-
-
-@pytest.mark.parametrize(
-    ("budget", "train_chars", "preset", "dropout", "words"),
-    [
-        ("5m", 1_000_000, "5m", None, "best/ keeps the best weights"),  # 24 passes
-        ("5m", 100_000_000, "5m", None, "its own regularisation"),  # a quarter of a pass
-        ("5m", 200_000, "5m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 120
-        ("1m", 100_000, "1m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 48
-        ("1m", 1_000_000, "1m", None, "its own regularisation"),  # 4.8 passes: as tuned
-        ("1m", 500_000, "1m", None, "best/ keeps the best weights"),  # 9.6 passes
-        ("1m", 100_000_000, "1m", None, "its own regularisation"),  # no dropout to drop
-        ("20m", 3_000_000, "20m", MANY_EPOCHS_DROPOUT, "small text read many times"),  # 32
-        ("20m", 50_000_000, "20m", None, "its own regularisation"),  # 1.9 passes
-    ],
-)  # fmt: skip
-def test_choose_preset_fits_regularisation_to_how_often_the_budget_reads_the_text(
-    budget, train_chars, preset, dropout, words
-):
-    seconds = parse_duration(budget)
-    choice = choose_preset(seconds, PRESET_MACHINE_SPEED, train_chars)
-    assert choice.name == preset and choice.settings["preset"] == preset
-    assert choice.settings.get("dropout", None if dropout is None else -1) == dropout
-    assert words in choice.reason
-    epochs = seconds * PRESET_MACHINE_SPEED / train_chars
-    assert f"about {epochs:.3g} times" in choice.reason
-    config = RunConfig().with_overrides(choice.settings).validate()
-    steps = seconds * PRESET_MACHINE_SPEED / (config.train.batch_size * config.train.seq_len)
-    as_preset = RunConfig().with_overrides({"preset": preset}).train.eval_every
-    if epochs > SEVERAL_EPOCHS:  # at least ten evaluations in the run, so best/ keeps the best
-        often = round(steps / SEVERAL_EPOCHS_EVALUATIONS)
-        assert config.train.eval_every == min(often, as_preset)
-        if often < as_preset:
-            assert f"an evaluation every {often} steps" in choice.reason
-    else:
-        assert config.train.eval_every == as_preset
-
-
-def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():
-    for budget, speed in ((300.0, 0.0), (0.0, 1000.0), (300.0, -5.0)):
-        with pytest.raises(ValueError, match="must be positive"):
-            preset_for(budget, speed)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "picks"),
-    [
-        ({}, True),
-        ({"time-budget": "20m", "data": ["a.txt"], "eval_every": 50, "cell": "gru"}, True),
-        ({"batch_size": 32, "optimizer": "adamw", "out": "runs/x"}, True),
-        ({"preset": "5m"}, False),
-        ({"max-steps": 100}, False),
-        ({"max_epochs": 2}, False),
-        ({"hidden-dim": 512}, False),
-        ({"n_layers": 3}, False),
-        ({"dropout": 0.1}, False),
-        ({"lr": 0.01, "time_budget": "1m"}, False),
-    ],
-)
-def test_picks_preset_only_when_the_run_leaves_the_learning_settings_open(overrides, picks):
-    assert picks_preset(overrides) is picks

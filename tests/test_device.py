@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,29 +44,40 @@ def test_keep_freed_memory_stops_page_faults_on_every_allocation():
     assert after < before / 20
 
 
-def openmp_settings(wait_policy: str | None) -> str:
-    """What PyTorch's OpenMP runtime reports at start-up in a fresh process that imports
-    charlstm, with ``OMP_WAIT_POLICY`` set to ``wait_policy`` (None: unset)."""
+def openmp_settings(wait_policy: str | None, run_dir: Path) -> str:
+    """What PyTorch's OpenMP runtime reports at start-up in a ``charlstm eval`` command, with
+    ``OMP_WAIT_POLICY`` set to ``wait_policy`` (None: unset)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_DISPLAY_ENV"] = "VERBOSE"  # the runtime prints its settings as it loads
     if wait_policy is not None:
         env["OMP_WAIT_POLICY"] = wait_policy
-    command = [sys.executable, "-c", "import charlstm, torch; torch.ones(4).sum()"]
+    command = [sys.executable, "-m", "charlstm", "eval", str(run_dir), "--device", "cpu"]
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     if "OMP_WAIT_POLICY" not in out.stderr:
         pytest.skip("this PyTorch's OpenMP runtime does not display its settings")
     return out.stderr
 
 
-def test_idle_openmp_threads_sleep_instead_of_spinning():
-    settings = openmp_settings(None)
+def test_idle_openmp_threads_of_a_command_sleep_instead_of_spinning(trained_run):
+    settings = openmp_settings(None, trained_run)
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings
     if "GOMP_SPINCOUNT" in settings:  # GNU OpenMP, as in PyTorch's Linux wheels
         assert "GOMP_SPINCOUNT = '0'" in settings
 
 
-def test_a_wait_policy_the_user_set_is_kept():
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in openmp_settings("ACTIVE")
+def test_a_wait_policy_the_user_set_is_kept(trained_run):
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in openmp_settings("ACTIVE", trained_run)
+
+
+def test_importing_charlstm_leaves_the_process_settings_alone():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    command = [
+        sys.executable,
+        "-c",
+        "import os, charlstm.training; print(os.environ.get('OMP_WAIT_POLICY'))",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "None"
 
 
 def test_cpu_and_auto_devices():

@@ -57,21 +57,20 @@ TOLERANCE = 1e-5
 # rank 1 SIGKILLs itself when it is about to train step N + 1. CHARLSTM_TEST_NAN_AT=N: from step
 # N + 1 on, the loss of rank 1's share is NaN (and its gradients stay finite).
 PROBE = """
-import importlib, os, signal, sys
+import os, signal, sys
 import numpy as np
 from safetensors.torch import save_file
 from charlstm import batching
 from charlstm.cli import main
 
-train_module = importlib.import_module("charlstm.train")  # charlstm.train is also a function
+from charlstm.session import TrainingSession
+from charlstm.trainer import Trainer
 
 rank = os.environ["RANK"]
 dump, kill_at = os.environ.get("CHARLSTM_TEST_DUMP"), os.environ.get("CHARLSTM_TEST_KILL_AT")
 nan_at = os.environ.get("CHARLSTM_TEST_NAN_AT")
-real_run, real_step, real_rows = (
-    train_module._Trainer.run, train_module._Trainer._train_step, batching.Batch.rows
-)
-real_ddp_step = train_module._Trainer._ddp_step
+real_run, real_step, real_rows = TrainingSession.run, Trainer.step, batching.Batch.rows
+real_ddp_loss = Trainer._ddp_shard_loss
 targets = []
 
 def rows(self, which):
@@ -82,24 +81,24 @@ def rows(self, which):
 def run(self):
     result = real_run(self)
     if dump:
-        weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        weights = {k: v.detach().clone() for k, v in self.trainer.net.state_dict().items()}
         save_file(weights, f"{dump}/rank{rank}.safetensors", {"best_val": repr(self.best_val)})
         np.save(f"{dump}/targets{rank}.npy", np.stack([t for t in targets if t.shape[1] == 64]))
     return result
 
-def train_step(self):
-    if rank == "1" and kill_at is not None and self.step == int(kill_at):
+def step(self, lr):
+    if rank == "1" and kill_at is not None and self.step_count == int(kill_at):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_step(self)
+    return real_step(self, lr)
 
-def ddp_step(self, *args, **kwargs):
-    loss, grads, state = real_ddp_step(self, *args, **kwargs)
-    if rank == "1" and nan_at is not None and self.step >= int(nan_at):
+def ddp_loss(self, *args, **kwargs):
+    loss, grads, state = real_ddp_loss(self, *args, **kwargs)
+    if rank == "1" and nan_at is not None and self.step_count >= int(nan_at):
         loss = loss * float("nan")
     return loss, grads, state
 
-batching.Batch.rows, train_module._Trainer.run = rows, run
-train_module._Trainer._train_step, train_module._Trainer._ddp_step = train_step, ddp_step
+batching.Batch.rows, TrainingSession.run = rows, run
+Trainer.step, Trainer._ddp_shard_loss = step, ddp_loss
 sys.exit(main(sys.argv[1:]))
 """
 

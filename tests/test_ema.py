@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import charlstm
 from charlstm.data import load_corpus
 from charlstm.ema import WeightAverage
-from charlstm.evaluate import evaluate_ids
+from charlstm.evaluation import evaluate_ids
 from charlstm.model import CharRNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

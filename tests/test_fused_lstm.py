@@ -9,7 +9,6 @@ checks and the fallback tests at the end run everywhere.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from conftest import tiny_config
 import charlstm
 from charlstm import fused_lstm
 from charlstm.config import ModelConfig
-from charlstm.model import CharRNN, run_lstm_layer_dropping_updates
+from charlstm.model import CharRNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,14 +191,14 @@ def call_forward(b, amx, *, steps=2, **replaced):
     b = {**b, **replaced}
     args = raw(b["xh"], b["forward_w"], b["table"], b["ids"], b["c0"], b["saved"], b["h_out"])
     args += raw(b["h_last"], b["c_last"])
-    fused_lstm._fused_lstm.forward(steps, 16, 0, 32, *args, 1.0, 0, 1.0, 0, False, amx)
+    fused_lstm._fused_lstm.forward(steps, 16, 0, 32, *args, 1.0, 0, amx)
 
 
 def call_backward(b, amx, **replaced):
     b = {**b, **replaced}
     args = raw(b["d_out"], b["backward_w"], b["saved"], b["c0"], b["d_gates"])
     args += [b["d_gates"].stride(0), *raw(b["d_x"], b["d_h"], b["d_c"], b["d_table"], b["ids"])]
-    fused_lstm._fused_lstm.backward(2, 16, 0, 32, *args, 1.0, 0, 1.0, 0, False, amx)
+    fused_lstm._fused_lstm.backward(2, 16, 0, 32, *args, 1.0, 0, amx)
 
 
 def untouched(b, names):
@@ -271,7 +270,7 @@ def test_the_kernel_refuses_a_sequence_of_no_steps_and_a_rate_outside_0_1(backen
     args = raw(*(b[name] for name in ("xh", "forward_w", "table", "ids", "c0", "saved")))
     args += raw(b["h_out"], b["h_last"], b["c_last"])
     with pytest.raises(ValueError, match="rate"):
-        fused_lstm._fused_lstm.forward(2, 16, 0, 32, *args, -0.5, 1, 1.0, 0, False, amx)
+        fused_lstm._fused_lstm.forward(2, 16, 0, 32, *args, -0.5, 1, amx)
     assert untouched(b, FORWARD_OUTPUTS)
 
 
@@ -360,13 +359,12 @@ def test_an_empty_sequence_gives_empty_outputs_and_the_state_as_given(steps, bat
     x = torch.randint(0, 30, (steps, batch)) if lookup else torch.randn(steps, batch, 32)
     state = tuple(torch.randn(2, batch, 64).requires_grad_() for _ in range(2))
     generator, other = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    dropout = {"rate": 0.3, "recurrent_rate": 0.2}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs, (h, c) = fused_lstm.lstm_forward(
-            lstm, x, state, embedding=embedding, generator=generator, **dropout
+            lstm, x, state, embedding=embedding, rate=0.3, generator=generator
         )
         step = torch.randint(0, 30, (1, 16)) if lookup else torch.randn(1, 16, 32)
-        fused_lstm.lstm_forward(lstm, step, None, embedding=embedding, generator=other, **dropout)
+        fused_lstm.lstm_forward(lstm, step, None, embedding=embedding, rate=0.3, generator=other)
     assert [tuple(o.shape) for o in outputs] == [(steps, batch, 64)] * 2
     assert all(o.dtype == torch.bfloat16 for o in outputs)
     assert torch.equal(h, state[0]) and torch.equal(c, state[1])
@@ -432,8 +430,8 @@ def reference_mask(keep: float, seed: int, index: np.ndarray) -> np.ndarray:
     return np.where(kept, np.float32(1 / keep), np.float32(0))
 
 
-def kernel_mask(keep, seed, locked, batch, hidden, step) -> np.ndarray:
-    factors = fused_lstm._fused_lstm.mask(keep, seed, locked, batch, hidden, step)
+def kernel_mask(keep, seed, batch, hidden, step) -> np.ndarray:
+    factors = fused_lstm._fused_lstm.mask(keep, seed, batch, hidden, step)
     return np.frombuffer(factors, dtype=np.float32).reshape(batch, hidden)
 
 
@@ -450,23 +448,20 @@ def test_dropout_mask_indices_past_2_32_do_not_wrap_around():
     seed = int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(4)))
     for t in range(6):
         applied = (out[:, t].float() != 0).numpy()
-        assert np.array_equal(applied, kernel_mask(keep, seed, False, batch, hidden, t) != 0)
+        assert np.array_equal(applied, kernel_mask(keep, seed, batch, hidden, t) != 0)
     # Bit for bit the hash of the low 32 bits as before, so masks below 2^32 are unchanged
     # (runs resumed from earlier checkpoints draw the same ones).
     for t in (0, 5, 2**23 - 1):
         index = np.arange(t * 512, (t + 1) * 512, dtype=np.uint64).reshape(batch, hidden)
         assert np.array_equal(
-            kernel_mask(keep, seed, False, batch, hidden, t), reference_mask(keep, seed, index)
+            kernel_mask(keep, seed, batch, hidden, t), reference_mask(keep, seed, index)
         )
     for t in (2**23, 2**23 + 1, 2**31 - 1):
         index = np.arange(t * 512, (t + 1) * 512, dtype=np.uint64).reshape(batch, hidden)
-        past = kernel_mask(keep, seed, False, batch, hidden, t)
+        past = kernel_mask(keep, seed, batch, hidden, t)
         assert np.array_equal(past, reference_mask(keep, seed, index))
-        assert not np.array_equal(past, kernel_mask(keep, seed, False, batch, hidden, t - 2**23))
+        assert not np.array_equal(past, kernel_mask(keep, seed, batch, hidden, t - 2**23))
         assert 0.6 < float((past != 0).mean()) < 0.8
-    # Locked: one mask for every step, however far.
-    locked = kernel_mask(keep, seed, True, batch, hidden, 0)
-    assert np.array_equal(kernel_mask(keep, seed, True, batch, hidden, 2**31 - 1), locked)
 
 
 @pytest.mark.usefixtures("backend")
@@ -488,8 +483,7 @@ def test_dropout_masks_keep_the_rate_scale_and_repeat_with_the_seed():
 
 
 @pytest.mark.usefixtures("backend")
-@pytest.mark.parametrize("locked", [False, True])
-def test_dropout_gradient_uses_the_forward_mask(locked):
+def test_dropout_gradient_uses_the_forward_mask():
     # Each layer's output is dropped, and the next layer reads it so; the backward must zero
     # exactly the elements the forward dropped. Compare with torch.nn.LSTM layers joined by
     # the very masks the kernel drew (read off its outputs).
@@ -501,12 +495,10 @@ def test_dropout_gradient_uses_the_forward_mask(locked):
     x = torch.randn(16, 30, 24, requires_grad=True)
     weights = torch.randn(16, 30, 64)
     generator = torch.Generator().manual_seed(3)
-    (out_first, out), _ = kernel_layers(lstm, x, rate=0.5, locked=locked, generator=generator)
+    (out_first, out), _ = kernel_layers(lstm, x, rate=0.5, generator=generator)
     first_mask, mask = ((o.float() != 0).float() / 0.5 for o in (out_first, out))
     assert 0.45 < float((first_mask == 0).float().mean()) < 0.55
-    # Locked: one mask per stream (row) for every step; otherwise a fresh one at each step.
-    held = [bool((m == m[:, :1]).all()) for m in (first_mask, mask)]
-    assert held == [locked, locked]
+    assert not any(bool((m == m[:, :1]).all()) for m in (first_mask, mask))  # fresh each step
     hidden_first, _ = first(x)
     expected_out = second(hidden_first * first_mask)[0] * mask
     assert relative_error(out, expected_out) < 1e-2
@@ -518,53 +510,10 @@ def test_dropout_gradient_uses_the_forward_mask(locked):
         assert relative_error(g, e) < 2e-2
 
 
-def kernel_update_mask(batch, steps, hidden, **dropout):
-    """The mask the kernel puts on the cell update, read off a layer whose input and forget
-    gates are saturated open and shut, with g = 0.5 and o = 1: there h_t = tanh(0.5 m_t)."""
-    probe = make_lstm(32, hidden, 1)
-    with torch.no_grad():
-        for param in probe.parameters():
-            param.zero_()
-        gates = torch.tensor([30.0, -30.0, math.atanh(0.5), 30.0])
-        probe.bias_ih_l0.copy_(gates.repeat_interleave(hidden))
-    out, _ = kernel(probe, torch.zeros(batch, steps, 32), **dropout)
-    return (out.float() > 0.25).float() / (1 - dropout["recurrent_rate"])
-
-
 @pytest.mark.usefixtures("backend")
-@pytest.mark.parametrize("locked", [False, True])
-def test_recurrent_dropout_matches_the_stepped_layer_with_the_kernels_masks(locked):
-    lstm = make_lstm(32, 64, 1)
-    x = torch.randn(16, 30, 32, requires_grad=True)
-    state = (torch.randn(16, 64) * 0.5, torch.randn(16, 64))
-    weights = torch.randn(16, 30, 64)
-    dropout = {"recurrent_rate": 0.4, "locked": locked}
-    mask = kernel_update_mask(16, 30, 64, **dropout, generator=torch.Generator().manual_seed(3))
-    assert 0.35 < float((mask == 0).float().mean()) < 0.45
-    assert bool((mask == mask[:, :1]).all()) == locked  # one mask per stream if locked
-    out, (h, c) = kernel(
-        lstm, x, tuple(s.unsqueeze(0) for s in state), **dropout,
-        generator=torch.Generator().manual_seed(3),
-    )  # fmt: skip
-    expected, (expected_h, expected_c) = run_lstm_layer_dropping_updates(
-        x, state, list(lstm.parameters()), mask[:, :1] if locked else mask
-    )
-    assert relative_error(out, expected) < 1e-2
-    assert relative_error(h[0], expected_h) < 1e-2
-    assert relative_error(c[0], expected_c) < 1e-2
-    inputs = [x, *lstm.parameters()]
-    got = torch.autograd.grad((out.float() * weights).sum() + c.sum(), inputs)
-    reference = torch.autograd.grad((expected * weights).sum() + expected_c.sum(), inputs)
-    for g, e in zip(got, reference, strict=True):
-        assert relative_error(g, e) < 2e-2
-
-
-@pytest.mark.usefixtures("backend")
-@pytest.mark.parametrize("weight_dropout", [0.0, 0.4])
-def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch, weight_dropout):
+def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypatch):
     torch.manual_seed(0)
-    config = ModelConfig(embed_dim=32, hidden_dim=64, dropout=0.0, weight_dropout=weight_dropout)
-    net = CharRNN(config, 20)
+    net = CharRNN(ModelConfig(embed_dim=32, hidden_dim=64, dropout=0.0), 20)
     x, y = torch.randint(0, 20, (9, 25)), torch.randint(0, 20, (9, 25))
     calls = []
     original = fused_lstm.lstm_forward
@@ -572,9 +521,9 @@ def test_charrnn_uses_the_kernel_under_bf16_autocast_and_matches_torch(monkeypat
         fused_lstm, "lstm_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
 
-    def run():  # the same DropConnect masks on both paths: they come from the generator
+    def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, state = net(x, generator=torch.Generator().manual_seed(3))
+            logits, state = net(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         return loss, torch.autograd.grad(loss, list(net.parameters())), state
 
@@ -607,9 +556,9 @@ def metrics(run_dir):
 @pytest.mark.usefixtures("backend")
 @pytest.mark.usefixtures("two_threads")
 def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):
-    # Both dropouts on and two shards: every mask comes from a seed drawn in order, so a second
-    # run and a run stopped at step 60 and resumed end with the same bytes as the first.
-    settings = {"precision": "bf16", "dropout": 0.2, "recurrent_dropout": 0.1, "lr": 1e-2}
+    # Dropout on and two shards: every mask comes from a seed drawn in order, so a second run
+    # and a run stopped at step 60 and resumed end with the same bytes as the first.
+    settings = {"precision": "bf16", "dropout": 0.2, "lr": 1e-2}
     settings.update(schedule="constant")
     settings.update(eval_every=30, log_every=10)
 

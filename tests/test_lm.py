@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import importlib.resources
+import inspect
 import math
 import string
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -14,10 +17,10 @@ import torch
 from conftest import tiny_config
 
 import charlstm
-from charlstm.config import DynamicEvalConfig, RunConfig
+from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
 from charlstm.data import Vocab
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import dynamic_evaluate_ids, evaluate_ids
+from charlstm.evaluation import dynamic_evaluate_ids, evaluate_ids
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
 from charlstm.sample import NumpyStepper, generate_ids
@@ -77,7 +80,7 @@ def test_generate_returns_the_requested_length(length):
 
 
 def test_generate_refuses_length_zero():
-    with pytest.raises(CharLSTMError, match="--length must be at least 1, got 0"):
+    with pytest.raises(CharLSTMError, match=r"^length must be at least 1, got 0$"):
         text_model().generate("To be", length=0)
 
 
@@ -167,7 +170,7 @@ def test_unknown_characters_are_refused_before_any_step():
         model.stream("\u20ac", length=5)  # no iteration needed
     with pytest.raises(CharLSTMError, match="temperature"):
         model.stream("a", length=5, temperature=-1)
-    with pytest.raises(CharLSTMError, match="top-p"):
+    with pytest.raises(CharLSTMError, match="top_p"):
         model.generate_batch(2, "a", length=5, top_p=0)
     with pytest.raises(TypeError):
         model.generate("a", length=5, temprature=0.5)
@@ -193,6 +196,134 @@ def test_empty_prompt_is_refused():
 def test_default_prompt_is_a_newline():
     model = text_model()
     assert model.generate(length=20, temperature=0) == model.generate("\n", 20, temperature=0)
+
+
+# ---- the typed sampling API --------------------------------------------------------------
+
+SAMPLING = ("temperature", "top_k", "top_p", "seed", "unknown")
+
+
+@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch"])
+def test_sampling_settings_are_typed_keyword_only_with_sample_config_defaults(method):
+    signature = inspect.signature(getattr(CharLM, method), eval_str=True)
+    params = signature.parameters
+    defaults = SampleConfig()
+    hints = typing.get_type_hints(SampleConfig)
+    for name in SAMPLING:
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[name].default == getattr(defaults, name)
+        assert params[name].annotation == hints[name]
+    for name in ("prompt", "length"):  # positional as before: generate("ROMEO:", 200)
+        assert params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        assert params[name].default == getattr(defaults, name)
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert "temperature: float = 0.8" in str(signature)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be 0 (greedy) or positive, got -1.0"),
+        ({"temperature": math.nan}, "temperature must be a finite number, got nan"),
+        ({"top_k": -2}, "top_k must be 0 (off) or positive, got -2"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+        ({"top_p": math.inf}, "top_p must be a finite number, got inf"),
+        ({"seed": -1}, "seed must be in [0, 2**63) (a 64-bit seed), got -1"),
+        ({"unknown": "ignore"}, "unknown must be one of error, skip, replace, not 'ignore'"),
+        ({"length": 0}, "length must be at least 1, got 0"),
+    ],
+)
+@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch"])
+def test_a_bad_setting_is_refused_naming_the_parameter_not_the_flag(method, settings, message):
+    model = text_model()
+    args = (2, "a") if method == "generate_batch" else ("a",)
+    with pytest.raises(CharLSTMError) as info:
+        getattr(model, method)(*args, **settings)
+    assert str(info.value) == message
+    assert "--" not in str(info.value)
+
+
+def test_num_samples_is_refused_by_its_name():
+    with pytest.raises(CharLSTMError, match=r"^num_samples must be at least 1, got 0$"):
+        text_model().generate_batch(0, "a", length=5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature": "0.5"}, "temperature must be float, not str '0.5'"),
+        ({"top_k": 2.5}, "top_k must be int, not float 2.5"),
+        ({"top_k": True}, "top_k must be int, not bool True"),
+        ({"seed": "7"}, "seed must be int or None, not str '7'"),
+        ({"unknown": None}, "unknown must be str, not NoneType None"),
+        ({"length": 5.0}, "length must be int, not float 5.0"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_a_type_error_naming_it(settings, message):
+    with pytest.raises(TypeError) as info:
+        text_model().generate("a", **{"length": 5, **settings})
+    assert str(info.value) == message
+
+
+def test_numpy_numbers_are_numbers():
+    model = text_model()
+    a = model.generate("a", np.int64(20), temperature=np.float32(1.0), seed=np.int64(3))
+    assert a == model.generate("a", 20, temperature=1.0, seed=3)
+
+
+def test_unknown_or_positional_settings_are_type_errors():
+    model = text_model()
+    with pytest.raises(TypeError, match="temprature"):
+        model.generate("a", length=5, temprature=0.5)
+    with pytest.raises(TypeError, match="top_q"):
+        model.stream("a", length=5, top_q=0.5)
+    with pytest.raises(TypeError, match="tempreature"):
+        model.generate_batch(2, "a", 5, tempreature=0.5)
+    with pytest.raises(TypeError):
+        model.generate("a", 5, 0.8)  # temperature is keyword-only
+
+
+def test_the_command_line_still_names_its_flags():
+    config = SampleConfig(top_p=0.0)
+    with pytest.raises(CharLSTMError, match=r"^--top-p must be in \(0, 1\], got 0\.0$"):
+        config.validate()
+
+
+def test_repr_of_an_unsaved_model_is_its_shape():
+    model = text_model()
+    text = repr(model)
+    assert text == (
+        f"<CharLM lstm 2x16, {model.net.num_parameters():,} parameters, "
+        f"vocabulary {len(ALPHABET)}, cpu>"
+    )
+
+
+def test_repr_names_corpus_device_and_validation_bpc():
+    model = text_model()
+    model.info = {
+        "step": 60,
+        "corpus": {"name": "tinyshakespeare", "fingerprint": "x"},
+        "val": {"loss": 1.256, "bpc": 1.256 / math.log(2), "characters": 1000},
+    }
+    text = repr(model)
+    assert "\n" not in text
+    for fact in ("lstm 2x16", "parameters", f"vocabulary {len(ALPHABET)}", "tinyshakespeare",
+                 "cpu", "val 1.812 bpc"):  # fmt: skip
+        assert fact in text
+    model.info["val"] = None  # last/ saved before any evaluation
+    assert "bpc" not in repr(model)
+
+
+def test_repr_of_a_loaded_checkpoint(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    text = repr(model)
+    assert text.startswith("<CharLM lstm ") and text.endswith(" bpc>")
+    assert f"vocabulary {model.vocab.size}" in text
+
+
+def test_the_package_is_marked_as_typed():
+    marker = importlib.resources.files("charlstm") / "py.typed"
+    assert marker.is_file()
 
 
 # ---- evaluation -------------------------------------------------------------------------

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from charlstm.config import DROPOUT_MASKS, ModelConfig
+from charlstm.config import ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN, detach_state, run_lstm_layer_dropping_updates
+from charlstm.model import CharRNN, detach_state, reference_lstm_layer
 
 CELLS = ("lstm", "gru", "rnn")
 VOCAB = 11
@@ -77,62 +76,29 @@ def test_one_layer_with_dropout(cell):
     assert torch.equal(c, d)
 
 
-def dropout_in_training_only(config: ModelConfig, **off) -> tuple[CharRNN, torch.Tensor]:
-    """Checks a net with ``config`` against one with the same weights and ``off`` (its dropout
-    at 0): in training the masks come from the generator and change the output; in
-    evaluation the two agree exactly. Returns the net and a training output."""
-    torch.manual_seed(0)
-    net = CharRNN(config, VOCAB)
-    plain = CharRNN(dataclasses.replace(config, **off), VOCAB)
-    plain.load_state_dict(net.state_dict())
-    x = random_ids(3, 9)
-    net.train()
-    a, _ = net(x, generator=torch.Generator().manual_seed(1))
-    b, _ = net(x, generator=torch.Generator().manual_seed(1))
-    c, _ = net(x, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b)  # the masks come from the generator
-    assert not torch.allclose(a, c)
-    assert not torch.allclose(a, plain.train()(x)[0])
-    torch.testing.assert_close(net.eval()(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
-    return net, a
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_weight_dropout_masks_the_recurrent_weights_in_training_only(cell):
-    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, dropout=0.0, weight_dropout=0.5)
-    net, out = dropout_in_training_only(config, weight_dropout=0.0)
-    # The masked product reaches the parameter: W_hh gets a gradient, zero where masked out.
-    out.sum().backward()
-    grad = net.rnn.weight_hh_l0.grad
-    assert grad is not None and grad.abs().sum() > 0
-    assert 0.3 < float((grad == 0).float().mean()) < 0.7
-
-
-def test_recurrent_dropout_masks_the_cell_update_in_training_only():
-    config = ModelConfig(embed_dim=6, hidden_dim=10, dropout=0.0, recurrent_dropout=0.5)
-    net, out = dropout_in_training_only(config, recurrent_dropout=0.0)
-    out.sum().backward()  # the stepped layer's masked update reaches every LSTM weight
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.rnn.parameters())
-
-
-@pytest.mark.parametrize("locked", [False, True])
-def test_the_stepped_layer_is_the_lstm_when_nothing_is_dropped_and_masks_its_updates(locked):
+def test_the_reference_lstm_layer_is_torchs_lstm_and_gives_every_steps_cell_state():
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(6, 10, batch_first=True)
     weights = list(lstm.parameters())
-    x, state = torch.randn(4, 12, 6), (torch.randn(4, 10), torch.randn(4, 10))
+    x = torch.randn(4, 12, 6, requires_grad=True)
+    state = (torch.randn(4, 10), torch.randn(4, 10))
     expected, (h, c) = lstm(x, tuple(s.unsqueeze(0) for s in state))
-    ones = torch.ones(4, 1 if locked else 12, 10)
-    got, (got_h, got_c) = run_lstm_layer_dropping_updates(x, state, weights, ones)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close((got_h, got_c), (h[0], c[0]), rtol=1e-5, atol=1e-6)
-    # A unit whose update is dropped at every step only forgets: c_T = c_0 times the forget
-    # gates; the others are unchanged up to that unit's influence on them.
-    mask = ones.clone()
-    mask[:, :, 3] = 0
-    _, (_, dropped_c) = run_lstm_layer_dropping_updates(x, state, weights, mask)
-    assert torch.all(dropped_c[:, 3].abs() < state[1][:, 3].abs())
-    assert torch.all(torch.sign(dropped_c[:, 3]) == torch.sign(state[1][:, 3]))
+    hs, cs = reference_lstm_layer(x, state, weights)
+    assert hs.shape == cs.shape == (4, 12, 10)
+    torch.testing.assert_close(hs, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((hs[:, -1], cs[:, -1]), (h[0], c[0]), rtol=1e-5, atol=1e-6)
+    # Step t's cell state is the final one of torch's LSTM run over the first t + 1 steps.
+    for t in (0, 6):
+        _, (_, c_t) = lstm(x[:, : t + 1], tuple(s.unsqueeze(0) for s in state))
+        torch.testing.assert_close(cs[:, t], c_t[0], rtol=1e-5, atol=1e-6)
+    # Differentiable like torch's, in the input and the weights.
+    inputs = [x, *weights]
+    got = torch.autograd.grad(hs.sum() + cs[:, -1].sum(), inputs)
+    reference = torch.autograd.grad(expected.sum() + c.sum(), inputs)
+    for g, e in zip(got, reference, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    empty_h, empty_c = reference_lstm_layer(x[:, :0], state, weights)
+    assert empty_h.shape == empty_c.shape == (4, 0, 10)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -152,20 +118,18 @@ def test_every_dropout_mask_comes_from_the_generator(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_sequence_dropout_masks_hold_for_every_step_of_a_stream(cell):
-    # A one-layer net whose head sees only the dropped output: a unit dropped for a stream
-    # leaves its head column unread at every step of that stream, and only then.
+def test_dropout_masks_are_fresh_at_every_step(cell):
+    # A one-layer net whose head sees only the dropped output: the units it leaves unread
+    # change from one step of a stream to the next.
+    torch.manual_seed(0)
     config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=1, dropout=0.5)
-    held, seen = {}, {}
-    for mask in DROPOUT_MASKS:
-        torch.manual_seed(0)
-        net = CharRNN(dataclasses.replace(config, dropout_mask=mask), VOCAB).train()
-        net.head.register_forward_hook(lambda _m, inputs, _o: seen.update(x=inputs[0]))
-        net(random_ids(8, 20), generator=torch.Generator().manual_seed(1))
-        dropped = seen["x"] == 0  # (B, T, H)
-        assert 0.4 < float(dropped.float().mean()) < 0.6
-        held[mask] = bool((dropped == dropped[:, :1]).all())
-    assert held == {"step": False, "sequence": True}
+    net = CharRNN(config, VOCAB).train()
+    seen = {}
+    net.head.register_forward_hook(lambda _m, inputs, _o: seen.update(x=inputs[0]))
+    net(random_ids(8, 20), generator=torch.Generator().manual_seed(1))
+    dropped = seen["x"] == 0  # (B, T, H)
+    assert 0.4 < float(dropped.float().mean()) < 0.6
+    assert not bool((dropped == dropped[:, :1]).all())
 
 
 @pytest.mark.parametrize("cell", CELLS)

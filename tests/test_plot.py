@@ -3,7 +3,6 @@ and ``charlstm plot`` as a real subprocess."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -18,13 +17,12 @@ from conftest import tiny_config
 
 import charlstm
 from charlstm import CharLSTMError
+from charlstm import session as session_module
 from charlstm.plot import CURVES_FILE, METRICS_FILE, plot_runs, read_curves
 from charlstm.runlock import LOCK_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# The module, not the function charlstm.train that shadows its name on the package.
-train_module = importlib.import_module("charlstm.train")
 
 
 def assert_png(path: Path, min_bytes: int = 10_000) -> None:
@@ -94,13 +92,13 @@ def test_bad_run_directories_are_one_line_errors(tmp_path):
 
 def test_training_redraws_curves_png_at_each_evaluation(small_corpus, tmp_path, monkeypatch):
     calls = []
-    real = train_module.write_curves
+    real = session_module.write_curves
 
     def counting(run_dir):
         calls.append(len((Path(run_dir) / METRICS_FILE).read_text().splitlines()))
         return real(run_dir)
 
-    monkeypatch.setattr(train_module, "write_curves", counting)
+    monkeypatch.setattr(session_module, "write_curves", counting)
     out = tmp_path / "run"
     config = tiny_config(small_corpus, out, max_steps=20, eval_every=10, log_every=5)
     charlstm.train(config, progress=False)
@@ -120,7 +118,7 @@ def test_a_failing_plot_warns_once_and_never_costs_training_or_a_checkpoint(
         calls.append(run_dir)
         raise RuntimeError("no fonts here")
 
-    monkeypatch.setattr(train_module, "write_curves", broken)
+    monkeypatch.setattr(session_module, "write_curves", broken)
     out = tmp_path / "run"
     config = tiny_config(small_corpus, out, max_steps=10, eval_every=5)
     result = charlstm.train(config, progress=False)

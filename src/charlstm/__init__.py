@@ -18,77 +18,55 @@ Python API::
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-# Idle OpenMP threads sleep at once instead of spinning first (unless the user chose a policy).
-# Spinning threads of two processes sharing a CPU starve each other's work: two evaluations side
-# by side on 2 cores took 47 s instead of 5. It costs one process alone ~2% on evaluation and
-# nothing on training, and only counts if set before torch loads its OpenMP runtime: hence here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names load with their modules on first use (PEP 562): most of them pull in torch, which
 # takes seconds to import, and the command line answers --help and usage mistakes without it.
 _EXPORTS = {
-    "charlstm.compare": ("CellResult", "Comparison", "compare"),
+    "charlstm.comparison": ("CellResult", "Comparison", "compare"),
     "charlstm.config": (
         "DataConfig",
         "DynamicEvalConfig",
         "ModelConfig",
         "RunConfig",
         "SampleConfig",
+        "SessionConfig",
         "TrainConfig",
-        "choose_preset",
-        "preset_for",
     ),
     "charlstm.errors": ("CharLSTMError",),
-    "charlstm.evaluate": ("EvalResult",),
+    "charlstm.evaluation": ("EvalResult",),
     "charlstm.interpret": ("Inspection", "inspect"),
     "charlstm.lm": ("CharLM",),
     "charlstm.model": ("CharRNN",),
     "charlstm.plot": ("plot_runs",),
     "charlstm.budget": ("BudgetTooSmall",),
-    "charlstm.train": ("TrainResult", "measure_speed", "train"),
+    "charlstm.presets": ("apply_preset", "choose_preset", "preset_for"),
+    "charlstm.training": ("TrainResult", "measure_speed", "train"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:
     from charlstm.budget import BudgetTooSmall
-    from charlstm.compare import CellResult, Comparison, compare
+    from charlstm.comparison import CellResult, Comparison, compare
     from charlstm.config import (
         DataConfig,
         DynamicEvalConfig,
         ModelConfig,
         RunConfig,
         SampleConfig,
+        SessionConfig,
         TrainConfig,
-        choose_preset,
-        preset_for,
     )
     from charlstm.errors import CharLSTMError
-    from charlstm.evaluate import EvalResult
+    from charlstm.evaluation import EvalResult
     from charlstm.interpret import Inspection, inspect
     from charlstm.lm import CharLM
     from charlstm.model import CharRNN
     from charlstm.plot import plot_runs
-    from charlstm.train import TrainResult, measure_speed, train
-
-
-class _Package(types.ModuleType):
-    """This package's module object, which keeps its public functions when their namesake
-    submodules load: loading ``charlstm.train`` binds that module to the package's ``train``,
-    which is the function :func:`train` (likewise ``compare`` and ``evaluate``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not (isinstance(value, types.ModuleType) and name in __all__):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    from charlstm.presets import apply_preset, choose_preset, preset_for
+    from charlstm.training import TrainResult, measure_speed, train
 
 
 def __getattr__(name: str) -> Any:
@@ -133,9 +111,11 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "SampleConfig",
+    "SessionConfig",
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "apply_preset",
     "choose_preset",
     "compare",
     "evaluate",

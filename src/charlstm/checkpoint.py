@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
@@ -35,17 +35,31 @@ import safetensors.torch
 import torch
 
 from charlstm.config import RunConfig
-from charlstm.data import Vocab
+from charlstm.data import Corpus, Vocab
 from charlstm.errors import CharLSTMError
 from charlstm.model import weight_shapes
 
+if TYPE_CHECKING:
+    from charlstm.evaluation import EvalResult
+
 FORMAT = "charlstm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RESUME_TENSORS_FILE = "resume.safetensors"
 RESUME_JSON_FILE = "resume.json"
 FILES_KEY = "files"  # in config.json: each other file's size and SHA-256
+# Tensor names in resume.safetensors (charlstm.train_state reads and writes them): the torch
+# and CUDA generators (rank r > 0 of a torchrun run adds ".rankR"), the carried state of the
+# whole batch ("state.0", "state.1": h, c), the optimizer's per-parameter moments
+# ("optim.INDEX.KEY") and, when model.safetensors holds the weight average, the weights
+# being trained ("train.NAME").
+RESUME_RNG = "rng.torch"
+RESUME_CUDA_RNG = "rng.cuda"
+RESUME_RANK_SUFFIX = ".rank{}"
+RESUME_CARRIED_STATE = "state."
+RESUME_OPTIMIZER = "optim."
+RESUME_TRAINING_WEIGHTS = "train."
 _ASIDE = ".{}.old"  # where the previous checkpoint waits while the new one is renamed in
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, or torch.save's zip archive
 # safetensors' own limit on the JSON header; config.json and resume.json are far smaller.
@@ -125,6 +139,25 @@ def write_checkpoint(
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_info(
+    step: int, epoch: float, elapsed: float, val: EvalResult | None, corpus: Corpus
+) -> dict[str, Any]:
+    """What config.json records of the run at a checkpoint: its step, epoch and clock, its
+    validation score (None for a checkpoint saved on a signal) and the corpus it learnt."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "elapsed": elapsed,
+        "val": val.as_dict() if val is not None else None,
+        "corpus": {
+            "name": corpus.name,
+            "fingerprint": corpus.fingerprint,
+            "train_characters": len(corpus.train),
+            "val_characters": len(corpus.val),
+        },
+    }
 
 
 def _json_bytes(document: dict[str, Any]) -> bytes:
@@ -243,9 +276,11 @@ def _read_pinned(pinned: _Pinned) -> Checkpoint:
         )
     if not isinstance(document.get("config"), dict):
         raise CharLSTMError(f"{directory / CONFIG_FILE} is malformed: it has no config table")
-    model = document["config"].get("model")
-    if isinstance(model, dict):  # written before the head could read every layer
-        model.setdefault("head_input", "last")
+    for older in range(version, FORMAT_VERSION):
+        try:
+            _MIGRATIONS[older](document["config"])
+        except CharLSTMError as e:
+            raise CharLSTMError(f"{directory}: {e}") from None
     try:
         config = RunConfig.from_dict(document["config"])
         vocab = Vocab.from_json(document["vocab"])
@@ -268,6 +303,38 @@ def _read_pinned(pinned: _Pinned) -> Checkpoint:
             )
     info = {k: v for k, v in document.items() if k not in ("config", "vocab")}
     return Checkpoint(directory, config, vocab, weights, info)
+
+
+# ---- older formats: each migration takes a config table one format version up -------------
+
+# Options a version 1 checkpoint may hold that charlstm no longer has (they did not help, see
+# docs/experiments.md), with the value that meant "off": a model trained with it off loads.
+_REMOVED_OPTIONS = {"recurrent_dropout": 0.0, "weight_dropout": 0.0, "dropout_mask": "step"}
+# What version 2 moved from the train section to the session section.
+_SESSION_SETTINGS = (
+    "max_steps", "max_epochs", "time_budget", "eval_every", "log_every", "max_bad_steps",
+    "device", "out", "resume", "overwrite", "sample_length",
+)  # fmt: skip
+
+
+def _version_1_to_2(config: dict[str, Any]) -> None:
+    """Version 2 split how a run is carried out (``session``) from what it learns (``train``)
+    and removed three dropout options."""
+    model, train = config.get("model"), config.get("train")
+    if not isinstance(model, dict) or not isinstance(train, dict):
+        raise CharLSTMError(f"{CONFIG_FILE} is malformed: it has no model or train table")
+    model.setdefault("head_input", "last")  # written before the head could read every layer
+    for name, off in _REMOVED_OPTIONS.items():
+        value = model.pop(name, off)
+        if value != off:
+            raise CharLSTMError(
+                f"the model was trained with {name.replace('_', '-')} {value}, an option this "
+                "charlstm no longer has; load it with charlstm 0.1"
+            )
+    config["session"] = {key: train.pop(key) for key in _SESSION_SETTINGS if key in train}
+
+
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {1: _version_1_to_2}
 
 
 def read_resume_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -25,22 +24,19 @@ from charlstm.config import (
     CELLS,
     COMPARE_BUDGET,
     COMPARE_CELLS,
-    DEFAULT_TIME_BUDGET,
     INSPECT_MAX_CHARS,
     UNKNOWN_POLICIES,
     DynamicEvalConfig,
     RunConfig,
     SampleConfig,
-    choose_preset,
     load_config_file,
-    picks_preset,
 )
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.plot import CURVES_FILE, plot_runs  # numpy, and matplotlib only to draw
+from charlstm.presets import AUTO, picks_preset
 
 if TYPE_CHECKING:
-    from charlstm.data import Corpus
-    from charlstm.evaluate import EvalResult
+    from charlstm.evaluation import EvalResult
     from charlstm.lm import CharLM
 
 # Each command imports the modules that load torch when it runs (2-3 s on a small CPU), so that
@@ -84,12 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (default: 5 minutes on the built-in Shakespeare corpus)",
         description="Train a model, then print a sample from its best checkpoint.",
     )
-    for section in dataclasses.fields(RunConfig):
-        group = train_cmd.add_argument_group(f"{section.name} settings")
-        _add_dataclass_flags(group, section.default_factory)  # type: ignore[arg-type]
-    train_cmd.add_argument(
+    # The flags most runs need come first; the rest, by section, under "advanced".
+    sections = [section.default_factory for section in dataclasses.fields(RunConfig)]
+    essential = train_cmd.add_argument_group("essential settings")
+    for cls in sections:
+        _add_dataclass_flags(essential, cls, only=lambda f: f.metadata.get("essential", False))  # type: ignore[arg-type]
+    essential.add_argument(
         "--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)"
     )
+    essential.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or messages: only warnings, errors and the closing line",
+    )
+    for section in dataclasses.fields(RunConfig):
+        group = train_cmd.add_argument_group(f"advanced {section.name} settings")
+        _add_dataclass_flags(
+            group, section.default_factory, only=lambda f: not f.metadata.get("essential", False)
+        )  # type: ignore[arg-type]
 
     sample_cmd = commands.add_parser(
         "sample", help="generate text from a checkpoint", description="Generate text."
@@ -134,11 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
+    _prefer_sleeping_openmp_threads()
     try:
         return _main(argv)
     finally:
         if argv is None:  # this process is the command (not a caller's test or script)
             _quiet_second_interrupt()
+
+
+def _prefer_sleeping_openmp_threads() -> None:
+    """Idle OpenMP threads sleep at once instead of spinning first (unless the user chose a
+    policy): spinning threads of two processes sharing a CPU starve each other's work. It
+    counts only if set before torch loads its OpenMP runtime, which the commands import later."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -183,45 +200,32 @@ def _train(args: argparse.Namespace) -> int:
     overrides = load_config_file(args.config) if args.config else {}
     overrides.update(_given(args, RunConfig))
     base = RunConfig().with_overrides(overrides)
-    if base.train.resume is None:
+    if base.session.resume is None:
         base.validate()  # a fresh run's settings; a resumed run's are its saved ones, later
     else:
-        base.train.validate()  # the flags given with --resume (e.g. --overwrite), before any file
+        base.session.validate()  # the flags given with --resume (e.g. --overwrite), before any file
     from charlstm.checkpoint import read_checkpoint
-    from charlstm.train import find_resume_checkpoint, train
+    from charlstm.run_dir import find_resume_checkpoint
+    from charlstm.training import train
 
     with world.failures():
-        resume_from = find_resume_checkpoint(base.train)
+        resume_from = find_resume_checkpoint(base.session)
     if resume_from is not None:
         # A resumed run keeps its saved settings; only the flags given now change them (the
         # --overwrite it may have started with replaced nothing that --resume continues).
         base = read_checkpoint(resume_from).config.with_overrides({"overwrite": False, **overrides})
     else:
         _check_memory("train", base)
-    # A fresh run that leaves its learning settings open gets the preset for this machine.
-    adapt = None
-    if resume_from is None and world.size == 1 and picks_preset(overrides):
-        adapt = functools.partial(_preset_for_this_machine, base, overrides)
-    result = train(base, progress=True, adapt=adapt)
-    length = base.train.sample_length
+        if picks_preset(overrides):  # learning settings left open: the preset for this machine
+            base = base.with_overrides({"preset": AUTO, **overrides})
+    result = train(base, progress=not args.quiet, quiet=args.quiet)
+    length = base.session.sample_length
     if length and result.model is not None:  # under torchrun, rank 0 alone samples
-        print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
+        if not args.quiet:
+            print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
         # From a newline, or its stand-in when the training text had none (a one-line file).
         _write_stream(result.model.stream("\n", length, unknown="replace"))
     return 0
-
-
-def _preset_for_this_machine(
-    base: RunConfig, overrides: dict[str, Any], speed: float, corpus: Corpus
-) -> RunConfig:
-    """``base`` with the settings that suit its budget at ``speed`` (this machine's characters
-    per second on ``base``'s model) on ``corpus``; the flags given still win."""
-    budget = base.train.budget_seconds()
-    assert budget is not None  # picks_preset: no step or epoch limit, so a budget
-    choice = choose_preset(budget, speed, len(corpus.train))
-    _say(f"preset {choice.name}: {choice.reason} (--preset chooses one yourself)")
-    settings = {"time_budget": base.train.time_budget or DEFAULT_TIME_BUDGET, **choice.settings}
-    return RunConfig().with_overrides({**settings, **overrides})
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -350,7 +354,7 @@ def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:
     )
     for section in dataclasses.fields(RunConfig):
         group = compare_cmd.add_argument_group(f"{section.name} settings, the same for every cell")
-        _add_dataclass_flags(group, section.default_factory, _COMPARE_SKIPS)  # type: ignore[arg-type]
+        _add_dataclass_flags(group, section.default_factory, lambda f: f.name not in _COMPARE_SKIPS)  # type: ignore[arg-type]
     compare_cmd.add_argument(
         "--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)"
     )
@@ -409,7 +413,7 @@ def _compare(args: argparse.Namespace) -> int:
     # compare's own default budget, unless a budget was asked for (a preset brings its own).
     given = "time_budget" in overrides or "preset" in overrides
     _check_memory("compare", base)
-    from charlstm.compare import compare
+    from charlstm.comparison import compare
 
     result = compare(base, cells=args.cells, time_budget=None if given else COMPARE_BUDGET)
     if result.rows:  # under torchrun, rank 0 alone reports
@@ -484,9 +488,10 @@ def _check_memory(command: str, config: RunConfig) -> None:
     try:
         config.model.validate()
         config.train.validate()
+        config.session.validate()
     except CharLSTMError:
         return  # not a network yet: the command's own checks say what is wrong
-    if resolve_device(config.train.device).type != "cpu":
+    if resolve_device(config.session.device).type != "cpu":
         return  # a GPU's memory is its own: an error there is caught as it happens
     available = available_memory()
     if available is None:
@@ -547,10 +552,13 @@ def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
-def _add_dataclass_flags(parser: Any, cls: type, skip: frozenset[str] = frozenset()) -> None:
+def _add_dataclass_flags(
+    parser: Any, cls: type, only: Callable[[dataclasses.Field], bool] = lambda f: True
+) -> None:
+    """A flag for each field of ``cls`` that ``only`` keeps, its help from the field's."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if not only(f):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if callable(f.default_factory) else f.default

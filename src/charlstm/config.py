@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from charlstm.errors import CharLSTMError
+from charlstm.presets import PRESET_CHOICES, PRESETS, preset_sections
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,59 +26,24 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    """A dataclass field that also describes its command-line flag."""
-    metadata = {"help": help, "choices": choices}
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    essential: bool = False,
+    **kw: Any,
+) -> Any:
+    """A dataclass field that also describes its command-line flag (``essential``: listed
+    first in ``charlstm train --help``; the rest are under "advanced")."""
+    metadata = {"help": help, "choices": choices, "essential": essential}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
 
 
-# Chosen by experiment (benchmarks/time_to_quality.py, docs/experiments.md): the settings that
-# reach the lowest validation loss on Tiny Shakespeare within each wall-clock budget on a
-# 2-core CPU. The dataclass defaults below are the 5-minute preset itself.
-PRESETS: dict[str, dict[str, Any]] = {
-    # A short run cannot overfit: no dropout, and one wide layer with shorter sequences for
-    # more updates of a network that learns fast; one evaluation, at the end.
-    "1m": {
-        "time_budget": "1m",
-        "n_layers": 1,
-        "hidden_dim": 384,
-        "dropout": 0.0,
-        "weight_decay": 0.2,
-        "seq_len": 64,
-        "eval_every": 5000,
-    },
-    "5m": {"time_budget": "5m"},
-    # Long enough for a wider network, which memorises 1 MB of text unless dropout and weight
-    # decay are strong (with Muon, 384 units still peak two thirds of the way through), and
-    # for a longer weight average, which holds the best weights through that overfitting.
-    "20m": {
-        "time_budget": "20m",
-        "hidden_dim": 384,
-        "dropout": 0.5,
-        "weight_decay": 0.5,
-        "lr": 7e-3,
-        "warmup_steps": 100,
-        "ema": 0.998,
-    },
-}
-
-# The default model's training speed on the machine the presets were tuned on: a 2-core
-# AVX-512 BF16 VM, which trained it at 73,000 to 97,000 characters/s (docs/benchmarks.md).
-PRESET_MACHINE_SPEED = 80_000.0
-# Settings that shape what a run learns; a run given any of them, or a --preset, or a step or
-# epoch limit, keeps the settings it was given rather than having a preset picked for it.
-LEARNING_SETTINGS = frozenset(
-    key
-    for settings in PRESETS.values()
-    for key in settings
-    if key not in ("time_budget", "eval_every")
-)
-
 CELLS = ("lstm", "gru", "rnn")
 HEAD_INPUTS = ("all", "last")
-DROPOUT_MASKS = ("step", "sequence")
 BATCHING = ("stateful", "random")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("muon", "adamw")
@@ -97,32 +63,15 @@ MAX_CONFIG_BYTES = 1 << 20
 class ModelConfig:
     """Shape of the network; stored with its weights so it can be rebuilt without the corpus."""
 
-    cell: str = option("lstm", "recurrent cell type", choices=CELLS)
+    cell: str = option("lstm", "recurrent cell type", choices=CELLS, essential=True)
     embed_dim: int = option(128, "width of the character embedding")
-    hidden_dim: int = option(256, "hidden units per recurrent layer")
-    n_layers: int = option(2, "number of stacked recurrent layers")
+    hidden_dim: int = option(256, "hidden units per recurrent layer", essential=True)
+    n_layers: int = option(2, "number of stacked recurrent layers", essential=True)
     dropout: float = option(0.2, "dropout on every layer's output, in [0, 1)")
-    dropout_mask: str = option(
-        "step",
-        "a fresh --dropout mask at every character (step), or one per stream held for the "
-        "whole --seq-len window (sequence: locked or variational dropout)",
-        choices=DROPOUT_MASKS,
-    )
     head_input: str = option(
         "all",
         "what the output head reads: every layer's output side by side, or the last layer's",
         choices=HEAD_INPUTS,
-    )
-    recurrent_dropout: float = option(
-        0.0,
-        "dropout on what each step adds to an LSTM's cell (recurrent dropout on the update g, "
-        "Semeniuta et al. 2016), in [0, 1): regularises the recurrence without erasing the "
-        "cell's memory; held per stream with --dropout-mask sequence",
-    )
-    weight_dropout: float = option(
-        0.0,
-        "DropConnect on the recurrent weights: the fraction of W_hh entries zeroed for each "
-        "batch, in [0, 1)",
     )
 
     def validate(self) -> None:
@@ -132,13 +81,6 @@ class ModelConfig:
         for name in ("embed_dim", "hidden_dim", "n_layers"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
-        _require(0 <= self.weight_dropout < 1, "--weight-dropout must be in [0, 1)")
-        _require(0 <= self.recurrent_dropout < 1, "--recurrent-dropout must be in [0, 1)")
-        _require(
-            self.recurrent_dropout == 0 or self.cell == "lstm",
-            f"--recurrent-dropout drops an LSTM's cell update and --cell {self.cell} has none: "
-            "use --cell lstm, or --dropout and --weight-dropout",
-        )
 
     def parameter_count(self, vocab_size: int) -> int:
         """The network's trainable parameters, by arithmetic: nothing is allocated, so absurd
@@ -159,9 +101,10 @@ class DataConfig:
         ["shakespeare"],
         "training text: files, directories, or a built-in corpus "
         "(shakespeare, tinyshakespeare, enwik8, text8)",
+        essential=True,
     )
     val_data: list[str] = option(
-        [], "validation text files (default: the last --val-fraction of --data)"
+        [], "validation text files (default: the last --val-fraction of --data)", essential=True
     )
     val_fraction: float = option(0.1, "fraction of --data held out for validation, from the end")
     encoding: str = option(
@@ -178,7 +121,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, batching, stopping, logging and run-directory settings."""
+    """How the model learns: batching, optimizer, schedule, arithmetic, seed."""
 
     batch_size: int = option(64, "parallel streams (sequences) per batch")
     seq_len: int = option(128, "characters per stream per step; gradients are truncated here")
@@ -215,56 +158,33 @@ class TrainConfig:
         "decay of an exponential moving average of the weights, the model that evaluation, "
         "checkpoints and sampling use (0 = off: the weights as trained)",
     )
-    max_steps: int | None = option(None, "stop after this many optimizer steps")
-    max_epochs: float | None = option(None, "stop after this many passes over the training text")
-    time_budget: str | None = option(
-        None,
-        "stop after this wall time, evaluation and saving included (90, 90s, 5m, 1h); "
-        "with no stopping flag at all the budget is 5m",
-    )
-    eval_every: int = option(
-        1000, "evaluate on the validation text and save a checkpoint every N steps"
-    )
-    log_every: int = option(10, "append a training line to metrics.jsonl every N steps")
     precision: str = option(
         "auto",
         "arithmetic for training: auto (bf16 where the hardware has it, else fp32), fp32, "
         "bf16 or fp16 (CUDA only)",
         choices=PRECISIONS,
     )
-    max_bad_steps: int = option(
-        5, "stop after this many consecutive steps with a non-finite loss (each one is skipped)"
-    )
     preset: str | None = option(
         None,
         "start from the settings that reach the lowest validation loss in that wall time on a "
-        "2-core AVX-512 CPU: 1m, 5m (the defaults) or 20m; other flags override them. Without "
-        "it, `charlstm train` picks the one that suits --time-budget at this machine's "
-        "measured speed, unless --max-steps, --max-epochs or a setting a preset tunes is given",
-        choices=tuple(PRESETS),
+        "2-core AVX-512 CPU: 1m, 5m (the defaults) or 20m, or auto: the one that suits "
+        "--time-budget at this machine's measured speed and the corpus's size; other settings "
+        "override it. `charlstm train` uses auto unless given --max-steps, --max-epochs or a "
+        "setting a preset tunes",
+        choices=PRESET_CHOICES,
+        essential=True,
+        compare=False,  # a run is what its settings are, whichever preset brought them
     )
-    seed: int = option(1337, "random seed: the same seed and settings repeat a CPU run exactly")
-    device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
-    out: str | None = option(None, "run directory (default: runs/<corpus>-<timestamp>)")
-    resume: str | None = option(
-        None,
-        "continue the run in this directory from its last checkpoint; 'auto' resumes --out "
-        "if it holds one and starts it otherwise",
+    seed: int = option(
+        1337, "random seed: the same seed and settings repeat a CPU run exactly", essential=True
     )
-    overwrite: bool = option(False, "replace an existing run directory instead of refusing")
-    sample_length: int = option(500, "characters to sample at the end of training (0 = none)")
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings no training run can use."""
         _check_choices(self)
         _check_finite(self)
         _check_seed(self.seed)
-        _require(
-            not (self.resume and self.overwrite),
-            f"--resume {self.resume} continues a run and --overwrite replaces one: give one of "
-            "them, not both",
-        )
-        for name in ("batch_size", "seq_len", "eval_every", "log_every", "max_bad_steps"):
+        for name in ("batch_size", "seq_len"):
             _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(self.lr > 0, "--lr must be greater than 0")
         _require(self.muon_lr > 0, "--muon-lr must be greater than 0")
@@ -275,6 +195,56 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must not be negative (0 turns it off)")
         _require(0 <= self.ema < 1, "--ema must be in [0, 1) (0 turns it off)")
+
+
+@dataclass
+class SessionConfig:
+    """How a run is carried out: when it stops, what it logs, where it writes, on what
+    device. Unlike the other sections, a resumed run may change these."""
+
+    max_steps: int | None = option(None, "stop after this many optimizer steps", essential=True)
+    max_epochs: float | None = option(None, "stop after this many passes over the training text")
+    time_budget: str | None = option(
+        None,
+        "stop after this wall time, evaluation and saving included (90, 90s, 5m, 1h); "
+        "with no stopping flag at all the budget is 5m",
+        essential=True,
+    )
+    eval_every: int = option(
+        1000, "evaluate on the validation text and save a checkpoint every N steps"
+    )
+    log_every: int = option(10, "append a training line to metrics.jsonl every N steps")
+    max_bad_steps: int = option(
+        5, "stop after this many consecutive steps with a non-finite loss (each one is skipped)"
+    )
+    device: str = option(
+        "auto", "auto picks cuda, then mps, then cpu", choices=DEVICES, essential=True
+    )
+    out: str | None = option(
+        None, "run directory (default: runs/<corpus>-<timestamp>)", essential=True
+    )
+    resume: str | None = option(
+        None,
+        "continue the run in this directory from its last checkpoint; 'auto' resumes --out "
+        "if it holds one and starts it otherwise",
+        essential=True,
+    )
+    overwrite: bool = option(False, "replace an existing run directory instead of refusing")
+    sample_length: int = option(
+        500, "characters to sample at the end of training (0 = none)", essential=True
+    )
+
+    def validate(self) -> None:
+        """Raise CharLSTMError for settings no training run can use."""
+        _check_choices(self)
+        _check_finite(self)
+        _require(
+            not (self.resume and self.overwrite),
+            f"--resume {self.resume} continues a run and --overwrite replaces one: give one of "
+            "them, not both",
+        )
+        for name in ("eval_every", "log_every", "max_bad_steps"):
+            _require(getattr(self, name) >= 1, f"{_flag(name)} must be at least 1")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         _require(self.max_epochs is None or self.max_epochs > 0, "--max-epochs must be above 0")
         _require(self.sample_length >= 0, "--sample-length must not be negative")
@@ -294,17 +264,28 @@ DEFAULT_TIME_BUDGET = "5m"
 
 @dataclass
 class RunConfig:
-    """Everything that defines a training run; saved in every checkpoint's config.json."""
+    """Everything that defines a training run; saved in every checkpoint's config.json.
+
+    ``model``, ``data`` and ``train`` are what the run learns; ``session`` is how it is run
+    (a resumed run may change it). A ``train.preset`` fills the settings left at their defaults
+    when the configuration is built: ``RunConfig(train=TrainConfig(preset="20m"))`` holds the
+    20-minute settings.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.preset in PRESETS:
+            for name, section in preset_sections(self, PRESETS[self.train.preset]).items():
+                setattr(self, name, section)
 
     def validate(self) -> RunConfig:
         """Check every section; returns self so calls can be chained."""
-        self.model.validate()
-        self.data.validate()
-        self.train.validate()
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,7 +294,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        """Rebuild exactly from :meth:`to_dict` output (a preset named there fills nothing:
+        the values are the run's); unknown keys are an error."""
         if not isinstance(values, dict):
             raise CharLSTMError("a configuration must be a table of sections")
         known = [section.name for section in dataclasses.fields(cls)]
@@ -328,7 +310,10 @@ class RunConfig:
             if not isinstance(raw, dict):
                 raise CharLSTMError(f"config section {section.name!r} must be a table")
             sections[section.name] = _build(section.default_factory, raw)  # type: ignore[misc]
-        return cls(**sections)
+        preset, sections["train"].preset = sections["train"].preset, None
+        config = cls(**sections)
+        config.train.preset = preset
+        return config
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with flat ``field: value`` overrides applied to whichever section owns each.
@@ -345,6 +330,22 @@ class RunConfig:
                 raise CharLSTMError(f"unknown setting {key!r}; valid settings: {_valid_names()}")
             sections[SECTION_OF[name]][name] = value
         return RunConfig.from_dict(sections)
+
+    def changes_to_what_is_learnt(self, other: RunConfig) -> list[str]:
+        """Each setting of ``model``, ``data`` or ``train`` on which ``other`` differs, as
+        ``name (old -> new)``: the changes a resumed run refuses."""
+        changes = []
+        for section in IDENTITY_SECTIONS:
+            mine, theirs = getattr(self, section), getattr(other, section)
+            for f in dataclasses.fields(mine):
+                old, new = getattr(mine, f.name), getattr(theirs, f.name)
+                if f.compare and old != new:
+                    changes.append(f"{f.name} ({old!r} -> {new!r})")
+        return changes
+
+
+# The sections that say what a run learns; ``session`` says how it is run.
+IDENTITY_SECTIONS = ("model", "data", "train")
 
 
 # Samples start from a newline unless given a prompt: the start of a line of the text.
@@ -438,6 +439,7 @@ DYNAMIC_MAX_LR = 1.0
 DYNAMIC_MAX_SEGMENT = 10_000
 
 
+SECTION_NAMES = tuple(section.name for section in dataclasses.fields(RunConfig))
 # Which section of RunConfig owns each flat setting name (names are unique across sections).
 SECTION_OF: dict[str, str] = {
     f.name: section.name
@@ -450,7 +452,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into flat ``field: value`` overrides.
 
     Keys may be written ``hidden-dim`` or ``hidden_dim``, at the top level or inside
-    ``[model]``, ``[data]`` and ``[train]`` tables.
+    ``[model]``, ``[data]``, ``[train]`` and ``[session]`` tables.
     """
     try:
         with open(path, "rb") as f:
@@ -478,7 +480,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     spelt: dict[str, str] = {}  # each setting's key as the file wrote it, to name a duplicate
     for key, value in raw.items():
-        if key in ("model", "data", "train") and isinstance(value, dict):
+        if key in SECTION_NAMES and isinstance(value, dict):
             entries = [(f"{key}.{k}", k, v) for k, v in value.items()]
         else:
             entries = [(key, key, value)]
@@ -508,71 +510,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
-
-
-def picks_preset(overrides: dict[str, Any]) -> bool:
-    """Whether a run given these flat overrides leaves its preset to the machine's speed (see
-    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`."""
-    given = {key.replace("-", "_") for key in overrides}
-    return not given & {"preset", "max_steps", "max_epochs", *LEARNING_SETTINGS}
-
-
-def preset_for(budget_seconds: float, chars_per_second: float) -> str:
-    """The preset for a wall-clock budget on a machine that trains the default model at
-    ``chars_per_second``: the one tuned for the budget in which the presets' machine
-    (:data:`PRESET_MACHINE_SPEED`) trains as many characters, nearest on a log scale."""
-    if budget_seconds <= 0 or chars_per_second <= 0:
-        raise ValueError("the budget and the speed must be positive")
-    equivalent = budget_seconds * chars_per_second / PRESET_MACHINE_SPEED
-    tuned = {name: parse_duration(settings["time_budget"]) for name, settings in PRESETS.items()}
-    return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
-
-
-# Passes over the training text that a budget reads above which the best weights may come
-# before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times to keep them in
-# best/; and above which a preset's network memorises the text part-way through the run unless
-# regularised harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
-SEVERAL_EPOCHS = 6.0
-SEVERAL_EPOCHS_EVALUATIONS = 10
-MANY_EPOCHS = 30.0
-MANY_EPOCHS_DROPOUT = 0.5
-
-
-@dataclass(frozen=True)
-class PresetChoice:
-    """The preset picked for a run, the settings it brings, and why, in one line."""
-
-    name: str
-    settings: dict[str, Any]
-    reason: str
-
-
-def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
-    """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
-    and its regularisation fitted to how many times the budget reads a corpus of
-    ``train_chars`` characters."""
-    name = preset_for(budget_seconds, chars_per_second)
-    epochs = budget_seconds * chars_per_second / max(train_chars, 1)
-    settings: dict[str, Any] = {"preset": name}
-    fitted = []
-    if epochs > MANY_EPOCHS:
-        dropout = PRESETS[name].get("dropout", ModelConfig.dropout)
-        settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
-        fitted.append(f"dropout {settings['dropout']:g}: a small text read many times is memorised")
-    if epochs > SEVERAL_EPOCHS:
-        train = RunConfig().with_overrides(settings).train
-        steps = budget_seconds * chars_per_second / (train.batch_size * train.seq_len)
-        often = max(1, round(steps / SEVERAL_EPOCHS_EVALUATIONS))
-        if often < train.eval_every:
-            settings["eval_every"] = often
-            fitted.append(f"an evaluation every {often} steps, so best/ keeps the best weights")
-    reason = (
-        f"this machine trains the 5m settings at {chars_per_second:,.0f} chars/s "
-        f"({chars_per_second / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned "
-        f"on), so the budget reads the {train_chars:,} training characters about "
-        f"{epochs:.3g} times; {'; '.join(fitted) or 'its own regularisation'}"
-    )
-    return PresetChoice(name, settings, reason)
 
 
 def parse_duration(text: str) -> float:

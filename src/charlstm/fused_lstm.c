@@ -141,13 +141,12 @@ TARGET static inline __m512 load_fp16(const uint16_t *src) {
 /* Dropout on the layer's output, drawn from a counter-based hash of (seed, element index) so
  * that the backward recomputes the forward's mask instead of storing it. Element (t, b, j)
  * has index t * step_stride + b * H + j, in 64 bits so that T * B * H >= 2^32 cannot wrap
- * around to an earlier element's mask: step_stride B * H gives every step its own mask, 0
- * holds one mask over the whole sequence. */
+ * around to an earlier element's mask. */
 typedef struct {
     uint32_t threshold; /* keep an element if its 24-bit hash is below this: keep * 2^24 */
     float scale;        /* 1 / keep */
     uint32_t seed_a, seed_b;
-    uint64_t step_stride;
+    uint64_t step_stride; /* B * H: every step its own mask */
 } dropout_mask;
 
 /* The index of element k (= b * H + j) of step t in its mask's sequence. */
@@ -202,9 +201,7 @@ typedef struct {
     saved_block *saved;        /* what this step saves: [H / 16][B] */
     uint16_t *h_out;       /* [B, H]: h after dropout */
     const dropout_mask *drop; /* NULL: no dropout */
-    const dropout_mask *update_drop; /* on the cell update g (c = f c' + i g m); NULL: none */
     uint64_t first;        /* index of this step's first output element, for the mask */
-    uint64_t update_first;   /* the same for the cell update's mask */
     uint16_t *h_next;      /* row t + 1 of xh (at column E), NULL at the last step */
     float *h_last, *c_last; /* [B, H] at the last step, else NULL */
 } forward_args;
@@ -221,10 +218,7 @@ TARGET static void forward_row(const forward_args *p, int u, int b, const float 
     __m512 o = sigmoid_ps(_mm512_add_ps(_mm512_load_ps(pre[3]), _mm512_loadu_ps(bias + 3 * H + j)));
     __m512 cp = p->s_prev ? _mm512_loadu_ps(p->s_prev[(size_t)u * p->B + b].c)
                           : _mm512_loadu_ps(p->c0 + (size_t)b * H + j);
-    const __m512 update = p->update_drop
-        ? _mm512_mul_ps(g, dropout_factor(p->update_drop, p->update_first + (size_t)b * H + j))
-        : g;
-    __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, update));
+    __m512 c = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, g));
     __m512 tc = tanh_ps(c);
     __m512 h = _mm512_mul_ps(o, tc);
     saved_block *s = p->saved + (size_t)u * p->B + b;
@@ -378,23 +372,20 @@ TARGET static void forward_step_avx512(const forward_args *p) {
     }
 }
 
-/* forward(T, B, E, H, xh, w, bias, ids, c0, saved, h_out, h_last, c_last, drop, update_drop,
- *         amx)
+/* forward(T, B, E, H, xh, w, bias, ids, c0, saved, h_out, h_last, c_last, drop, amx)
  *   xh [T, B, E + H] bf16: x_t in every row, h0 in row 0; h_t is written into row t + 1
  *   w: the packed [E + H, 4H] matrix [W_ih | W_hh]^T; bias [4H] fp32: b_ih + b_hh
  *   ids [T, B] int32 or NULL: with ids, bias is a [V, 4H] table and row b at step t adds
  *   its row ids[t][b] (a layer whose input is a lookup: E = 0 and the table holds W_ih x + b)
  *   h_out [T, B, H] bf16 out, after dropout; h_last, c_last [B, H] fp32 out: the state after
- *   step T (no dropout on the output); drop: the output's mask, update_drop: the cell
- *   update's (recurrent dropout, c = f c' + i g m), each NULL for none;
+ *   step T (no dropout on the output); drop: the output's mask, NULL for none;
  *   amx: the products on AMX tiles, else AVX-512 BF16
  * From Python each array arrives as its address and size in bytes, checked (see py_forward). */
 TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const uint16_t *w,
                                const float *bias, const int32_t *ids, const float *c0,
                                saved_block *saved,
                                uint16_t *h_out, float *h_last, float *c_last,
-                               const dropout_mask *drop, const dropout_mask *update_drop,
-                               int amx) {
+                               const dropout_mask *drop, int amx) {
     const int K = E + H;
     float (*scratch)[16][16] = NULL;
     if (amx) {
@@ -414,8 +405,6 @@ TARGET static int lstm_forward(int T, int B, int E, int H, uint16_t *xh, const u
             .h_next = last ? NULL : xh + (size_t)(t + 1) * B * K + E,
             .h_last = last ? h_last : NULL, .c_last = last ? c_last : NULL,
             .drop = drop, .first = drop ? mask_index(drop, t, 0) : 0,
-            .update_drop = update_drop,
-            .update_first = update_drop ? mask_index(update_drop, t, 0) : 0,
         };
         if (amx)
             forward_step_amx(&p, scratch);
@@ -536,8 +525,7 @@ TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *
     }
 }
 
-/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, drop,
- *          update_drop, amx)
+/* backward(T, B, E, H, dh_out, w_back, saved, c0, dg_t, ld, dx, dh, dc, dbias, ids, drop, amx)
  *   dh_out [T, B, H] bf16: gradient of the layer's output (after dropout) at every step
  *   dh, dc [B, H] fp32: on entry the gradient of the final state, on exit that of the first
  *   dg_t [4H, ld] bf16 out: the gradient of the gate pre-activations, transposed (column
@@ -545,14 +533,14 @@ TARGET static void backward_product_avx512(int B, int E, int H, const uint16_t *
  *   dx [T, B, E] bf16 out: gradient of the layer's input; dbias [4H] fp32, accumulated
  *   ids [T, B] int32 or NULL: with ids (a lookup layer), dbias is the [V, 4H] table's gradient,
  *   and row b at step t accumulates into its row ids[t][b]
- *   drop, update_drop: the forward's masks, recomputed from their seeds
+ *   drop: the forward's mask, recomputed from its seed
  *   amx: the products on AMX tiles, else AVX-512 BF16
  * From Python each array arrives as its address and size in bytes, checked (see py_backward). */
 TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_out,
                                 const uint16_t *w, const saved_block *saved, const float *c0,
                                 uint16_t *dg_t, size_t ld, uint16_t *dx, float *dh, float *dc,
                                 float *dbias, const int32_t *ids, const dropout_mask *drop,
-                                const dropout_mask *update_drop, int amx) {
+                                int amx) {
     const int G = 4 * H, units = H / 16;
     const __m512 one = _mm512_set1_ps(1.0f);
     uint16_t *dg = aligned_alloc(64, (size_t)B * G * 2); /* this step's, row-major: an A operand */
@@ -582,16 +570,12 @@ TARGET static int lstm_backward(int T, int B, int E, int H, const uint16_t *dh_o
                     from_out = _mm512_mul_ps(from_out,
                                              dropout_factor(drop, mask_index(drop, t, k)));
                 __m512 dht = _mm512_add_ps(from_out, _mm512_loadu_ps(dh + k));
-                /* With a mask on the update, c = f c' + i (g m): i sees g m, g's path is m i. */
-                const __m512 m = update_drop
-                    ? dropout_factor(update_drop, mask_index(update_drop, t, k)) : one;
-                const __m512 gm = _mm512_mul_ps(g, m), im = _mm512_mul_ps(i, m);
                 __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dht, o), _mm512_fnmadd_ps(tc, tc, one),
                                              _mm512_loadu_ps(dc + k));
                 __m512 d[4] = {
-                    _mm512_mul_ps(_mm512_mul_ps(dct, gm), _mm512_fnmadd_ps(i, i, i)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, g), _mm512_fnmadd_ps(i, i, i)),
                     _mm512_mul_ps(_mm512_mul_ps(dct, cp), _mm512_fnmadd_ps(f, f, f)),
-                    _mm512_mul_ps(_mm512_mul_ps(dct, im), _mm512_fnmadd_ps(g, g, one)),
+                    _mm512_mul_ps(_mm512_mul_ps(dct, i), _mm512_fnmadd_ps(g, g, one)),
                     _mm512_mul_ps(_mm512_mul_ps(dht, tc), _mm512_fnmadd_ps(o, o, o)),
                 };
                 _mm512_storeu_ps(dc + k, _mm512_mul_ps(dct, f));
@@ -715,11 +699,11 @@ static int check_usable(int amx) {
 
 #if HAVE_X86_BUILD
 /* A mask keeping each element with probability `keep` (no mask for keep >= 1), fresh at every
- * step of the sequence or, if `locked`, one for all of its steps. */
+ * step of the sequence. */
 static const dropout_mask *make_mask(dropout_mask *m, double keep, unsigned long long seed,
-                                     int locked, int B, int H) {
+                                     int B, int H) {
     if (keep >= 1.0) return NULL;
-    m->step_stride = locked ? 0 : (uint64_t)B * (uint64_t)H;
+    m->step_stride = (uint64_t)B * (uint64_t)H;
     m->threshold = (uint32_t)(keep * 16777216.0 + 0.5);
     m->scale = (float)(1.0 / keep);
     m->seed_a = (uint32_t)seed;
@@ -806,18 +790,16 @@ static unsigned long long table_rows(const buffer *table, int H) {
 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H, locked, amx;
+    int T, B, E, H, amx;
     buffer xh, w, bias, ids, c0, saved, h_out, h_last, c_last;
-    unsigned long long seed, update_seed;
-    double keep, update_keep;
+    unsigned long long seed;
+    double keep;
     if (!PyArg_ParseTuple(args, "iiii" BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER BUFFER
-                          BUFFER "dKdKpp", &T, &B, &E, &H, PARTS(xh), PARTS(w), PARTS(bias),
+                          BUFFER "dKp", &T, &B, &E, &H, PARTS(xh), PARTS(w), PARTS(bias),
                           PARTS(ids), PARTS(c0), PARTS(saved), PARTS(h_out), PARTS(h_last),
-                          PARTS(c_last), &keep, &seed, &update_keep, &update_seed, &locked, &amx))
+                          PARTS(c_last), &keep, &seed, &amx))
         return NULL;
-    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep) ||
-        !check_keep(update_keep))
-        return NULL;
+    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep)) return NULL;
     const unsigned long long K = (unsigned long long)E + H, G = 4ull * H;
     const unsigned long long rows = times(T, B), units = times(rows, H), state = 4ull * B * H;
     if (!check_size(&xh, times(times(rows, K), 2), "xh") || !check_size(&w, K * G * 2, "w") ||
@@ -829,16 +811,14 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         return NULL;
     if (ids.at && !check_ids(&ids, rows, table_rows(&bias, H))) return NULL;
 #if HAVE_X86_BUILD
-    dropout_mask mask, update_mask;
-    const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
-    const dropout_mask *update_drop =
-        make_mask(&update_mask, update_keep, update_seed, locked, B, H);
+    dropout_mask mask;
+    const dropout_mask *drop = make_mask(&mask, keep, seed, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_forward(T, B, E, H, (uint16_t *)xh.at, (const uint16_t *)w.at,
                           (const float *)bias.at, (const int32_t *)ids.at, (const float *)c0.at,
                           (saved_block *)saved.at, (uint16_t *)h_out.at, (float *)h_last.at,
-                          (float *)c_last.at, drop, update_drop, amx);
+                          (float *)c_last.at, drop, amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -847,19 +827,16 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
-    int T, B, E, H, locked, amx;
+    int T, B, E, H, amx;
     buffer dh_out, w, saved, c0, dg_t, dx, dh, dc, dbias, ids;
-    unsigned long long ld, seed, update_seed;
-    double keep, update_keep;
+    unsigned long long ld, seed;
+    double keep;
     if (!PyArg_ParseTuple(args, "iiii" BUFFER BUFFER BUFFER BUFFER BUFFER "K" BUFFER BUFFER BUFFER
-                          BUFFER BUFFER "dKdKpp", &T, &B, &E, &H, PARTS(dh_out), PARTS(w),
+                          BUFFER BUFFER "dKp", &T, &B, &E, &H, PARTS(dh_out), PARTS(w),
                           PARTS(saved), PARTS(c0), PARTS(dg_t), &ld, PARTS(dx), PARTS(dh),
-                          PARTS(dc), PARTS(dbias), PARTS(ids), &keep, &seed, &update_keep,
-                          &update_seed, &locked, &amx))
+                          PARTS(dc), PARTS(dbias), PARTS(ids), &keep, &seed, &amx))
         return NULL;
-    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep) ||
-        !check_keep(update_keep))
-        return NULL;
+    if (!check_usable(amx) || !check_shape(T, B, E, H) || !check_keep(keep)) return NULL;
     const unsigned long long K = (unsigned long long)E + H, G = 4ull * H;
     const unsigned long long rows = times(T, B), units = times(rows, H), state = 4ull * B * H;
     if (ld < rows) {
@@ -875,17 +852,15 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
         return NULL;
     if (ids.at && !check_ids(&ids, rows, table_rows(&dbias, H))) return NULL;
 #if HAVE_X86_BUILD
-    dropout_mask mask, update_mask;
-    const dropout_mask *drop = make_mask(&mask, keep, seed, locked, B, H);
-    const dropout_mask *update_drop =
-        make_mask(&update_mask, update_keep, update_seed, locked, B, H);
+    dropout_mask mask;
+    const dropout_mask *drop = make_mask(&mask, keep, seed, B, H);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = lstm_backward(T, B, E, H, (const uint16_t *)dh_out.at, (const uint16_t *)w.at,
                            (const saved_block *)saved.at, (const float *)c0.at,
                            (uint16_t *)dg_t.at, (size_t)ld, (uint16_t *)dx.at, (float *)dh.at,
                            (float *)dc.at, (float *)dbias.at, (const int32_t *)ids.at, drop,
-                           update_drop, amx);
+                           amx);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
 #endif
@@ -917,15 +892,15 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* mask(keep, seed, locked, B, H, t): the factors (0 or 1 / keep) the kernel's mask puts on the
+/* mask(keep, seed, B, H, t): the factors (0 or 1 / keep) the kernel's mask puts on the
  * B x H elements of step t, as fp32 bytes; for tests, which can ask for a step whose elements
  * lie past 2^32 without running (or allocating) that many. */
 static PyObject *py_mask(PyObject *self, PyObject *args) {
     (void)self;
     double keep;
     unsigned long long seed;
-    int locked, B, H, t;
-    if (!PyArg_ParseTuple(args, "dKpiii", &keep, &seed, &locked, &B, &H, &t)) return NULL;
+    int B, H, t;
+    if (!PyArg_ParseTuple(args, "dKiii", &keep, &seed, &B, &H, &t)) return NULL;
     if (!check_usable(0) || !check_shape(1, B, 0, H) || !check_keep(keep)) return NULL;
     if (t < 0) {
         PyErr_SetString(PyExc_ValueError, "mask: a step cannot be negative");
@@ -936,7 +911,7 @@ static PyObject *py_mask(PyObject *self, PyObject *args) {
 #if HAVE_X86_BUILD
     float *factors = (float *)PyBytes_AS_STRING(out);
     dropout_mask mask;
-    const dropout_mask *m = make_mask(&mask, keep, seed, locked, B, H);
+    const dropout_mask *m = make_mask(&mask, keep, seed, B, H);
     if (m)
         fill_mask(m, t, B, H, factors);
     else

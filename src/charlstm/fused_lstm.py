@@ -73,20 +73,14 @@ def lstm_forward(
     *,
     embedding: torch.Tensor | None = None,
     rate: float = 0.0,
-    recurrent_rate: float = 0.0,
-    locked: bool = False,
     generator: torch.Generator | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], State]:
     """``rnn(x, state)`` computed by the kernel, time-major: x (T, B, E) -> every layer's
     output, each (T, B, H) in bf16, and the final (h, c), each (n_layers, B, H) in fp32.
     Differentiable in x, state and weights. With ``embedding`` (V, E), x holds ids (T, B) and
     the input is their embedding. Each layer's output has dropout with ``rate``, its mask
-    hashed from one seed per layer drawn from ``generator`` (fresh at every step, or one for
-    all steps if ``locked``); the next layer reads it so. ``recurrent_rate`` drops out the
-    cell update g inside each layer (c = f c' + i g m) with a mask hashed the same way.
-    ``weights`` replaces some of rnn's parameters by name (W_hh with DropConnect, say)."""
-    weights = weights or {}
+    fresh at every step and hashed from one seed per layer drawn from ``generator``; the next
+    layer reads it so."""
     _check_inputs(rnn, x, state, embedding)
     amx = backend() == "amx"
     steps, batch = x.shape[0], x.shape[1]
@@ -100,8 +94,8 @@ def lstm_forward(
     outputs, finals_h, finals_c = [], [], []
     for layer in range(rnn.num_layers):
         names = [f"{name}_l{layer}" for name in _WEIGHTS]
-        w_ih, w_hh, b_ih, b_hh = [weights.get(name, getattr(rnn, name)) for name in names]
-        seed, recurrent_seed = _seed(rate, generator), _seed(recurrent_rate, generator)
+        w_ih, w_hh, b_ih, b_hh = [getattr(rnn, name) for name in names]
+        seed = _seed(rate, generator)
         h0, c0 = state[0][layer], state[1][layer]
         if layer == 0 and embedding is not None:
             # W_ih times a character's embedding is a row of one small (V, 4H) table, so the
@@ -115,14 +109,12 @@ def lstm_forward(
             inputs = layer_input, None, w_ih, w_hh, b_ih, b_hh, None
         if steps == 0 or batch == 0:
             # Nothing to run (the kernel wants a step and a row): an empty output, and the
-            # state as given. The seeds above are drawn all the same, so that the generator
+            # state as given. The seed above is drawn all the same, so that the generator
             # moves on as it would for any length.
             layer_input = h0.new_empty(steps, padded, rnn.hidden_size, dtype=torch.bfloat16)
             h, c = h0, c0
         else:
-            layer_input, h, c = _Layer.apply(
-                *inputs, h0, c0, rate, seed, recurrent_rate, recurrent_seed, locked, amx
-            )
+            layer_input, h, c = _Layer.apply(*inputs, h0, c0, rate, seed, amx)
         outputs.append(layer_input[:, :batch])
         finals_h.append(h)
         finals_c.append(c)
@@ -134,18 +126,13 @@ _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 class _Layer(torch.autograd.Function):
     """One LSTM layer over a whole sequence: x (T, B, E), h0 and c0 (B, H) -> out (T, B, H)
-    after dropout with ``rate`` (masks hashed from ``seed``, one for all steps if ``locked``),
-    with the cell update dropped out at ``recurrent_rate`` (from ``recurrent_seed``), and
-    h_T, c_T; the products on AMX tiles if ``amx``, else AVX-512 BF16. B must be a
-    multiple of 16; E is padded to a multiple of 32 here. For a layer whose input is a lookup,
-    x, w_ih and the biases are None: ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds
-    W_ih x + b_ih + b_hh for each."""
+    after dropout with ``rate`` (masks hashed from ``seed``), and h_T, c_T; the products on
+    AMX tiles if ``amx``, else AVX-512 BF16. B must be a multiple of 16; E is padded to a
+    multiple of 32 here. For a layer whose input is a lookup, x, w_ih and the biases are None:
+    ``ids`` (T, B) are the inputs and ``table`` (V, 4H) holds W_ih x + b_ih + b_hh for each."""
 
     @staticmethod
-    def forward(
-        ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0,
-        rate, seed, recurrent_rate, recurrent_seed, locked, amx,
-    ):  # fmt: skip
+    def forward(ctx, x, ids, w_ih, w_hh, b_ih, b_hh, table, h0, c0, rate, seed, amx):
         hidden = w_hh.shape[1]
         if ids is None:
             steps, batch, width = x.shape
@@ -179,13 +166,10 @@ class _Layer(torch.autograd.Function):
             ("h_last", h_last, torch.float32, state),
             ("c_last", c_last, torch.float32, state),
         )
-        _fused_lstm.forward(
-            steps, batch, padded, hidden, *buffers, 1 - rate, seed, 1 - recurrent_rate,
-            recurrent_seed, locked, amx,
-        )  # fmt: skip
+        _fused_lstm.forward(steps, batch, padded, hidden, *buffers, 1 - rate, seed, amx)
         ctx.save_for_backward(joined, saved, c0, backward_weights, ids)
         ctx.sizes = steps, batch, width, padded, hidden
-        ctx.dropout = 1 - rate, seed, 1 - recurrent_rate, recurrent_seed, locked
+        ctx.dropout = 1 - rate, seed
         ctx.amx = amx
         ctx.input_dtype = x.dtype
         ctx.vocab = None if ids is None else table.shape[0]
@@ -236,7 +220,7 @@ class _Layer(torch.autograd.Function):
         return None, None, None, d_w_hh, None, None, d_bias, d_h, d_c, *_NONE
 
 
-_NONE = (None,) * 6  # no gradient for the two rates and seeds, locked and amx
+_NONE = (None,) * 3  # no gradient for the rate, the seed and amx
 
 
 def _pack(w_ih: torch.Tensor, w_hh: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:

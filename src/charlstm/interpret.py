@@ -29,7 +29,7 @@ from charlstm.config import INSPECT_MAX_CHARS, ModelConfig
 from charlstm.data import BYTES, available_memory
 from charlstm.errors import CharLSTMError
 from charlstm.lm import CharLM
-from charlstm.model import WEIGHT_NAMES, CharRNN, run_layer
+from charlstm.model import WEIGHT_NAMES, CharRNN, reference_lstm_layer, run_layer
 
 MIN_CHARS = 100  # fewer characters than this make correlations meaningless
 _READ_BLOCK = 1 << 20  # bytes read at a time from an inspected text
@@ -138,9 +138,9 @@ def correlate(activations: np.ndarray, values: np.ndarray) -> np.ndarray:
 def record_activations(net: CharRNN, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Every layer's state after each id: ``{"h1": (T, H), "c1": (T, H), "h2": ...}``.
 
-    nn.LSTM returns the cell state of the last step only, so LSTM layers are run here step by
-    step with the same equations and weights (gate order i, f, g, o, as PyTorch's); GRU and
-    RNN layers, whose state is their output, run one layer at a time as PyTorch modules.
+    nn.LSTM returns the cell state of the last step only, so LSTM layers run through
+    :func:`~charlstm.model.reference_lstm_layer`, which returns every step's; GRU and RNN
+    layers, whose state is their output, through :func:`~charlstm.model.run_layer`.
     The network runs as in evaluation: no dropout.
     """
     config, rnn = net.config, net.rnn
@@ -149,31 +149,17 @@ def record_activations(net: CharRNN, ids: np.ndarray) -> dict[str, np.ndarray]:
     series: dict[str, np.ndarray] = {}
     for layer in range(config.n_layers):
         weights = [getattr(rnn, f"{name}_l{layer}").float() for name in WEIGHT_NAMES]
+        zeros = x.new_zeros(1, rnn.hidden_size)  # one stream, from a zero state
         if config.cell == "lstm":
-            h, c = _lstm_layer(x, *weights)
-            series[f"h{layer + 1}"], series[f"c{layer + 1}"] = h.cpu().numpy(), c.cpu().numpy()
+            hs, cs = reference_lstm_layer(x[None], (zeros, zeros), weights)
+            h = hs[0]
+            series[f"h{layer + 1}"], series[f"c{layer + 1}"] = h.cpu().numpy(), cs[0].cpu().numpy()
         else:
-            out, _ = run_layer(config.cell, x[None], (x.new_zeros(1, rnn.hidden_size),), weights)
+            out, _ = run_layer(config.cell, x[None], (zeros,), weights)
             h = out[0]
             series[f"h{layer + 1}"] = h.cpu().numpy()
         x = h  # the next layer reads this one's hidden state
     return series
-
-
-def _lstm_layer(
-    x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden and cell state of one LSTM layer after each row of ``x`` (T, E), from zeros."""
-    hidden = w_hh.shape[1]
-    inputs = x @ w_ih.T + b_ih + b_hh  # every step's input projection in one product
-    h, c = x.new_zeros(hidden), x.new_zeros(hidden)
-    hs, cs = x.new_empty(len(x), hidden), x.new_empty(len(x), hidden)
-    for t in range(len(x)):
-        i, f, g, o = (inputs[t] + w_hh @ h).chunk(4)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        hs[t], cs[t] = h, c
-    return hs, cs
 
 
 # ---- the inspection -------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import numbers
+import re
+import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +28,13 @@ from charlstm.data import (
 )
 from charlstm.device import resolve_device
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult, Progress, dynamic_evaluate_ids, evaluate_ids
+from charlstm.evaluation import EvalResult, Progress, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 from charlstm.sample import generate_ids
+
+# The defaults of the sampling methods' parameters: SampleConfig's own, so that signatures and
+# help() show the real values and there is no second list of them to fall out of step.
+_DEFAULT = SampleConfig()
 
 
 class CharLM:
@@ -60,29 +68,87 @@ class CharLM:
         """Where the network's weights live."""
         return next(self.net.parameters()).device
 
-    def stream(self, prompt: str = "\n", length: int = 500, **settings: Any) -> Iterator[str]:
-        """Yield generated text piece by piece (one character each, for text models).
+    def stream(
+        self,
+        prompt: str = _DEFAULT.prompt,
+        length: int = _DEFAULT.length,
+        *,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int = _DEFAULT.top_k,
+        top_p: float = _DEFAULT.top_p,
+        seed: int | None = _DEFAULT.seed,
+        unknown: str = _DEFAULT.unknown,
+    ) -> Iterator[str]:
+        """Yield ``length`` pieces of text continuing ``prompt`` (one character each, for text
+        models); the prompt itself is not repeated. Every setting is checked before this returns.
 
-        Settings are those of :class:`~charlstm.config.SampleConfig`: temperature, top_k,
-        top_p, seed, unknown. The prompt itself is not repeated in the output.
+        ``temperature`` scales the logits (0 is greedy: always the likeliest character);
+        ``top_k`` samples from the k likeliest only (0 = off); ``top_p`` from the smallest set
+        whose probability reaches it (1 = off); ``seed`` makes the draw repeatable (None: fresh
+        randomness); ``unknown`` says what prompt characters outside the vocabulary do:
+        ``"error"``, ``"skip"`` or ``"replace"``. The defaults are
+        :class:`~charlstm.config.SampleConfig`'s, those of ``charlstm sample``.
         """
-        columns = self._columns(prompt, length, 1, **settings)
-        return (column[0] for column in columns)
+        config = _sample_config(prompt, length, 1, temperature, top_k, top_p, seed, unknown)
+        return (column[0] for column in self._columns(config))
 
-    def generate(self, prompt: str = "\n", length: int = 500, **settings: Any) -> str:
-        """Generate ``length`` characters continuing ``prompt``; see :meth:`stream`."""
-        return "".join(self.stream(prompt, length, **settings))
+    def generate(
+        self,
+        prompt: str = _DEFAULT.prompt,
+        length: int = _DEFAULT.length,
+        *,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int = _DEFAULT.top_k,
+        top_p: float = _DEFAULT.top_p,
+        seed: int | None = _DEFAULT.seed,
+        unknown: str = _DEFAULT.unknown,
+    ) -> str:
+        """Generate ``length`` characters continuing ``prompt``; the settings are
+        :meth:`stream`'s."""
+        config = _sample_config(prompt, length, 1, temperature, top_k, top_p, seed, unknown)
+        return "".join(column[0] for column in self._columns(config))
 
     def generate_batch(
-        self, num_samples: int, prompt: str = "\n", length: int = 500, **settings: Any
+        self,
+        num_samples: int,
+        prompt: str = _DEFAULT.prompt,
+        length: int = _DEFAULT.length,
+        *,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int = _DEFAULT.top_k,
+        top_p: float = _DEFAULT.top_p,
+        seed: int | None = _DEFAULT.seed,
+        unknown: str = _DEFAULT.unknown,
     ) -> list[str]:
-        """``num_samples`` independent continuations of ``prompt``, generated as one batch."""
-        columns = self._columns(prompt, length, num_samples, **settings)  # checks come first
+        """``num_samples`` independent continuations of ``prompt``, generated as one batch;
+        the settings are :meth:`stream`'s."""
+        config = _sample_config(
+            prompt, length, num_samples, temperature, top_k, top_p, seed, unknown
+        )
+        columns = self._columns(config)  # checks come first
         pieces: list[list[str]] = [[] for _ in range(num_samples)]
         for column in columns:
             for piece, text in zip(pieces, column, strict=True):
                 piece.append(text)
         return ["".join(p) for p in pieces]
+
+    def __repr__(self) -> str:
+        """One line: the network's shape and size, its vocabulary, corpus, device and, if the
+        checkpoint was evaluated, its validation bits per character."""
+        mc = self.config.model
+        parts = [
+            f"{mc.cell} {mc.n_layers}x{mc.hidden_dim}",
+            f"{self.net.num_parameters():,} parameters",
+            f"vocabulary {self.vocab.size}",
+        ]
+        corpus = self.info.get("corpus")
+        if isinstance(corpus, dict) and corpus.get("name"):
+            parts.append(f"corpus {corpus['name']}")
+        parts.append(str(self.device))
+        val = self.info.get("val")
+        if isinstance(val, dict) and isinstance(val.get("bpc"), (int, float)):
+            parts.append(f"val {val['bpc']:.3f} bpc")
+        return f"<CharLM {', '.join(parts)}>"
 
     def evaluate(
         self, text: str, unknown: str = "error", dynamic: bool | DynamicEvalConfig = False
@@ -157,12 +223,9 @@ class CharLM:
             raise CharLSTMError(f"this model reads {kind}; --encoding {encoding} does not fit it")
         return resolve_sources(paths, encoding)
 
-    def _columns(
-        self, prompt: str, length: int, num_samples: int, **settings: Any
-    ) -> Iterator[list[str]]:
-        """Per step, the next piece of text of each sample; settings are checked at once."""
-        config = SampleConfig(prompt=prompt, length=length, num_samples=num_samples, **settings)
-        config.validate()
+    def _columns(self, config: SampleConfig) -> Iterator[list[str]]:
+        """Per step, the next piece of text of each sample; everything is checked at once."""
+        prompt, length, num_samples = config.prompt, config.length, config.num_samples
         # The default newline starts a model whose text had none from its stand-in for one.
         unknown = "replace" if prompt == DEFAULT_PROMPT else config.unknown
         prompt_ids = self.vocab.encode(prompt, unknown=unknown, what="prompt")
@@ -207,6 +270,62 @@ class CharLM:
                 f"{needed / 1e9:,.1f} GB of memory and {available / 1e9:,.1f} GB is available: "
                 "use a smaller --num-samples or --length"
             )
+
+
+_SETTINGS = {f.name for f in dataclasses.fields(SampleConfig)}
+_SETTING_TYPES = typing.get_type_hints(SampleConfig)
+# Numbers as Python and numpy spell them; a bool is no number here (True is not a top_k).
+_KINDS: dict[Any, type | tuple[type, ...]] = {
+    int: numbers.Integral,
+    float: numbers.Real,
+    str: str,
+    type(None): type(None),
+}
+_FLAG = re.compile(r"--([a-z0-9]+(?:-[a-z0-9]+)*)")
+
+
+def _sample_config(
+    prompt: str,
+    length: int,
+    num_samples: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    unknown: str,
+) -> SampleConfig:
+    """The settings of one call, checked, with errors that name the Python parameters.
+
+    :meth:`SampleConfig.validate` words its messages for the command line (``--top-p must
+    be ...``); the CLI validates with it before calling here, so this wording is the API's.
+    """
+    config = SampleConfig(
+        prompt=prompt,
+        length=length,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        unknown=unknown,
+    )
+    for name, hint in _SETTING_TYPES.items():
+        value = getattr(config, name)
+        kinds = typing.get_args(hint) or (hint,)  # int | None: (int, NoneType)
+        if isinstance(value, bool) or not any(isinstance(value, _KINDS[k]) for k in kinds):
+            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise TypeError(f"{name} must be {expected}, not {type(value).__name__} {value!r}")
+    try:
+        config.validate()
+    except CharLSTMError as e:
+        raise CharLSTMError(_FLAG.sub(_parameter_name, str(e))) from None
+    return config
+
+
+def _parameter_name(flag: re.Match[str]) -> str:
+    """``top_p`` for the flag ``--top-p`` of a sampling setting; other flags stay as they are."""
+    name = flag.group(1).replace("-", "_")
+    return name if name in _SETTINGS else flag.group(0)
 
 
 def _first_detail(error: Exception) -> str:

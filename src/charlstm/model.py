@@ -81,60 +81,28 @@ class CharRNN(nn.Module):
             state = state if state is not None else self.initial_state(x.shape[0])
             return self.head.weight.new_zeros(x.shape[0], 0, width), state
         rate = self.config.dropout if self.training else 0.0
-        recurrent_rate = self.config.recurrent_dropout if self.training else 0.0
-        locked = self.config.dropout_mask == "sequence"
-        weights = {**dict(self.rnn.named_parameters()), **self._recurrent_weights(generator)}
         if fused_lstm.applies(self.rnn, x):  # bf16 autocast on a CPU the kernel runs on
             # Time-major there, so that each step's rows lie together in memory.
             outputs, new_state = fused_lstm.lstm_forward(
-                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate,
-                recurrent_rate=recurrent_rate, locked=locked, generator=generator, weights=weights,
-            )  # fmt: skip
+                self.rnn, x.t(), state, embedding=self.embed.weight, rate=rate, generator=generator
+            )
             return self._head_input(outputs).transpose(0, 1), new_state
         state = state if state is not None else self.initial_state(x.shape[0])
         layer_input = self.embed(x)  # (B, T, E)
         outputs, finals = [], []
         for layer in range(self.config.n_layers):
-            layer_weights = [weights[f"{name}_l{layer}"] for name in WEIGHT_NAMES]
+            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in WEIGHT_NAMES]
             layer_state = tuple(s[layer] for s in state)
-            out, final = self._layer(
-                layer_input, layer_state, layer_weights, recurrent_rate, locked, generator
-            )
-            layer_input = dropout(out, rate, generator, locked=locked)  # (B, T, H)
+            out, final = run_layer(self.config.cell, layer_input, layer_state, weights)
+            layer_input = dropout(out, rate, generator)  # (B, T, H)
             outputs.append(layer_input)
             finals.append(final)
         new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
         return self._head_input(outputs), new_state
 
-    def _layer(
-        self,
-        x: torch.Tensor,
-        state: State,
-        weights: list[torch.Tensor],
-        recurrent_rate: float,
-        locked: bool,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, State]:
-        """One layer off the fused kernel: the library's op, or with --recurrent-dropout the
-        LSTM stepped one character at a time (no library op masks the cell update)."""
-        if recurrent_rate == 0:
-            return run_layer(self.config.cell, x, state, weights)
-        shape = (x.shape[0], 1 if locked else x.shape[1], self.config.hidden_dim)
-        mask = dropout_mask(shape, x, recurrent_rate, generator)
-        return run_lstm_layer_dropping_updates(x, state, weights, mask)
-
     def _head_input(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """What the head reads: every layer's output, concatenated, or the last one's."""
         return torch.cat(outputs, dim=-1) if self.config.head_input == "all" else outputs[-1]
-
-    def _recurrent_weights(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        """In training with --weight-dropout, each layer's W_hh with a fresh mask (one mask for
-        the whole batch and every step of it); otherwise nothing to replace."""
-        p = self.config.weight_dropout
-        if not self.training or p == 0:
-            return {}
-        names = [f"weight_hh_l{layer}" for layer in range(self.config.n_layers)]
-        return {name: dropout(getattr(self.rnn, name), p, generator) for name in names}
 
     def initial_state(self, batch_size: int) -> State:
         """An all-zero state for ``batch_size`` streams, on the model's device and dtype."""
@@ -156,27 +124,15 @@ def weight_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, 
     return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
-def dropout(
-    x: torch.Tensor, p: float, generator: torch.Generator | None, *, locked: bool = False
-) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p); the mask
-    comes from ``generator`` (the global generator if None). With ``locked``, x is (B, T, H)
-    and each stream b keeps one mask over all T steps (locked, or variational, dropout)."""
+    comes from ``generator`` (the global generator if None)."""
     if p == 0:
         return x
-    if generator is None and not locked:
+    if generator is None:
         return F.dropout(x, p, training=True)
-    shape = (x.shape[0], 1, x.shape[2]) if locked else x.shape
-    return x * dropout_mask(shape, x, p, generator)
-
-
-def dropout_mask(
-    shape: Sequence[int], like: torch.Tensor, p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """A mask of ``shape`` (``like``'s dtype and device): each element 0 with probability
-    ``p``, else 1 / (1 - p), drawn from ``generator`` (the global generator if None)."""
-    keep = like.new_empty(shape).bernoulli_(1 - p, generator=generator)
-    return keep.div_(1 - p)
+    keep = x.new_empty(x.shape).bernoulli_(1 - p, generator=generator)
+    return x * keep.div_(1 - p)
 
 
 def detach_state(state: State) -> State:
@@ -199,25 +155,29 @@ def run_layer(
     return out, tuple(f.squeeze(0) for f in final)
 
 
-def run_lstm_layer_dropping_updates(
-    x: torch.Tensor, state: State, weights: list[torch.Tensor], mask: torch.Tensor
-) -> tuple[torch.Tensor, State]:
-    """One LSTM layer stepped one character at a time, with the cell update dropped out:
-    c_t = f c_t-1 + i (g m_t) for the mask m (B, T, H), or (B, 1, H) for one over all steps
-    (recurrent dropout as in Semeniuta et al. 2016). Arguments and result as :func:`run_layer`.
-    The fused kernel does the same in one call; this is the path everywhere else."""
+def reference_lstm_layer(
+    x: torch.Tensor, state: State, weights: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM layer stepped one character at a time in plain PyTorch: the LSTM's equations
+    written out once, for whatever needs every step's cell state (torch's ops return only the
+    last one) or a reference to hold a faster implementation to.
+
+    x is batch-first (B, T, in); ``state`` holds (h, c), each (B, H); ``weights`` are W_ih,
+    W_hh, b_ih, b_hh in PyTorch's layout, gates in its order i, f, g, o. Returns the hidden
+    and the cell state after each step, each (B, T, H): the first is the layer's output (as
+    :func:`run_layer` returns it), and step T - 1 of both is its final state.
+    """
     w_ih, w_hh, b_ih, b_hh = weights
     h, c = state
     projected = F.linear(x, w_ih, b_ih + b_hh)  # every step's input term in one product
-    outputs = []
+    hs = projected.new_empty(*x.shape[:2], w_hh.shape[1])
+    cs = torch.empty_like(hs)
     for t in range(x.shape[1]):
-        gates = projected[:, t] + F.linear(h, w_hh)
-        i, f, g, o = gates.chunk(4, dim=-1)
-        update = torch.tanh(g) * mask[:, t if mask.shape[1] > 1 else 0]
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * update
+        i, f, g, o = (projected[:, t] + F.linear(h, w_hh)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1), (h, c)
+        hs[:, t], cs[:, t] = h, c
+    return hs, cs
 
 
 @contextlib.contextmanager

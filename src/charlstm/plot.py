@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from charlstm.errors import CharLSTMError
+from charlstm.metrics_log import METRICS_FILE
 
-# The log that charlstm.train appends to in every run directory (train imports this name).
-METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 _LN2 = math.log(2)
 

@@ -22,7 +22,7 @@ from charlstm.budget import BudgetTooSmall
 from charlstm.config import CELLS, COMPARE_BUDGET, COMPARE_CELLS, RunConfig
 from charlstm.errors import CharLSTMError
 from charlstm.plot import plot_runs
-from charlstm.train import TrainResult, train
+from charlstm.training import TrainResult, train
 
 TABLE_FILE, JSON_FILE, PLOT_FILE = "compare.md", "compare.json", "compare.png"
 
@@ -96,12 +96,12 @@ def compare(
     """
     config = config or RunConfig()
     cells = _check_cells(cells)
-    if config.train.resume not in (None, "auto"):
+    if config.session.resume not in (None, "auto"):
         raise CharLSTMError(
-            f"--resume {config.train.resume}: a comparison resumes all its cells at once; use "
+            f"--resume {config.session.resume}: a comparison resumes all its cells at once; use "
             "--resume auto with the same --out"
         )
-    out = Path(out or config.train.out or _default_out(config)).expanduser()
+    out = Path(out or config.session.out or _default_out(config)).expanduser()
     overrides = {} if time_budget is None else {"time_budget": time_budget}
     configs = {
         cell: config.with_overrides({**overrides, "cell": cell, "out": str(out / cell)}).validate()
@@ -128,7 +128,7 @@ def compare(
             "no cell trained long enough to compare (see the messages above): give a longer "
             "--time-budget or a smaller model"
         )
-    budget = configs[cells[0]].train.budget_seconds()
+    budget = configs[cells[0]].session.budget_seconds()
     each = f", {_duration(budget)} each" if budget else ""
     comparison.plot = plot_runs(
         [row.run_dir for row in trained],
@@ -178,7 +178,7 @@ def _check_cells(cells: Sequence[str]) -> tuple[str, ...]:
 
 def _check_fresh(out: Path, cells: Sequence[str], config: RunConfig) -> None:
     """Refuse to mix a new comparison into an old one, naming the flags that would proceed."""
-    if config.train.overwrite or config.train.resume == "auto":
+    if config.session.overwrite or config.session.resume == "auto":
         return
     for cell in cells:
         run_dir = out / cell

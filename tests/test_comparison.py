@@ -43,8 +43,8 @@ def test_each_cell_is_trained_with_the_same_settings_and_budget(comparison):
         assert Path(row.run_dir) == out / row.cell
         saved = read_checkpoint(out / row.cell / "best").config.to_dict()
         assert saved["model"]["cell"] == row.cell
-        assert saved["train"]["time_budget"] == "90s"
-        saved["model"].pop("cell"), saved["train"].pop("out")
+        assert saved["session"]["time_budget"] == "90s"
+        saved["model"].pop("cell"), saved["session"].pop("out")
         settings.append(saved)
     assert settings[0] == settings[1] == settings[2]
 
@@ -130,12 +130,12 @@ def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
     assert [r.split(" | ")[0] for r in rows] == ["| cell", "| ---", "| rnn", "| lstm"]
     for cell in ("rnn", "lstm"):
         saved = read_checkpoint(tmp_path / "steps" / cell / "best")
-        assert saved.config.train.time_budget == "10m" and saved.info["step"] == 8
+        assert saved.config.session.time_budget == "10m" and saved.info["step"] == 8
     assert "wrote " in steps.stderr and (tmp_path / "steps" / "compare.png").is_file()
 
     assert budget.returncode == 0, budget.stderr
     saved = read_checkpoint(tmp_path / "budget" / "gru" / "best")
-    assert saved.config.train.time_budget == "10s" and saved.config.train.max_steps is None
+    assert saved.config.session.time_budget == "10s" and saved.config.session.max_steps is None
     assert saved.info["step"] > 0 and saved.info["elapsed"] < 20  # 10 s, and slack for a busy CPU
 
     assert bad.returncode == 2

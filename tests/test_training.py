@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from conftest import write_text as write_words
 from safetensors.torch import load_file
 
 import charlstm
 from charlstm import CharLSTMError
-from charlstm.data import Corpus
+from charlstm.config import RunConfig
+from charlstm.loss import loss_and_grads
+from charlstm.presets import MANY_EPOCHS, MANY_EPOCHS_DROPOUT, PRESETS
 from charlstm.runlock import LOCK_FILE
-from charlstm.train import loss_and_grads
 
 LN2 = math.log(2)
 # Unigram entropy of the first 180,000 characters (the training part) of shakespeare_200k:
@@ -329,25 +332,31 @@ def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
     assert weights_bytes(plain / "last") == weights_bytes(measured / "last")
 
 
-def test_adapt_gets_the_measured_speed_and_its_configuration_is_trained(shakespeare_200k, tmp_path):
-    config = tiny_config(shakespeare_200k, tmp_path / "run", max_steps=6)
-    speeds: list[float] = []
-
-    def adapt(speed: float, corpus: Corpus) -> charlstm.RunConfig:
-        speeds.append(speed)
-        assert len(corpus.train) == 180_000  # the corpus it will train on, read once
-        return config.with_overrides({"hidden_dim": 24, "max_steps": 8})
-
-    result = charlstm.train(config, progress=False, adapt=adapt)
-    assert len(speeds) == 1 and speeds[0] > 0
-    assert result.steps == 8
-    saved = checkpoint_info(tmp_path / "run" / "last")["config"]
-    assert saved["model"]["hidden_dim"] == 24
-    # A resumed run keeps its saved settings: adapt is not asked.
-    resumed = {"hidden_dim": 24, "max_steps": 10, "resume": str(result.run_dir)}
-    again = config.with_overrides(resumed)
-    assert charlstm.train(again, progress=False, adapt=adapt).steps == 10
-    assert len(speeds) == 1
+@pytest.mark.slow
+def test_auto_preset_picks_for_this_machine_and_corpus_and_records_its_choice(tmp_path, capsys):
+    data = write_words(tmp_path / "words.txt", lines=40)  # 2,000 characters
+    # Small batches: the fewest steps a budget must train fit on a loaded machine too.
+    config = charlstm.RunConfig().with_overrides(
+        {"data": [str(data)], "out": str(tmp_path / "run"), "preset": "auto",
+         "time_budget": "20s", "batch_size": 8, "device": "cpu", "sample_length": 0}
+    )  # fmt: skip
+    result = charlstm.train(config, progress=False)
+    err = capsys.readouterr().err
+    picked = result.config.train.preset
+    line = re.search(rf"^preset {picked}: this machine trains .* about ([\d.e+]+) times", err, re.M)
+    assert picked in PRESETS and line, err
+    # A small text read many times gets strong dropout; the preset's other settings are kept.
+    many = float(line[1]) > MANY_EPOCHS
+    assert result.config.model.dropout == (MANY_EPOCHS_DROPOUT if many else 0.0)
+    assert result.config.train.batch_size == 8 and result.config.session.time_budget == "20s"
+    saved = checkpoint_info(tmp_path / "run" / "best")["config"]
+    assert RunConfig.from_dict(saved) == result.config and saved["train"]["preset"] == picked
+    assert saved["model"]["hidden_dim"] == PRESETS[picked].get("hidden_dim", 256)
+    # Resuming keeps the choice: nothing is measured or picked again.
+    again = RunConfig.from_dict(saved).with_overrides({"resume": str(result.run_dir),
+                                                       "time_budget": "25s"})  # fmt: skip
+    charlstm.train(again, progress=False)
+    assert "this machine trains" not in capsys.readouterr().err
 
 
 def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path):

@@ -17,11 +17,11 @@ import charlstm
 from charlstm import cli
 from charlstm.config import DynamicEvalConfig, ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.evaluate import EvalResult, dynamic_evaluate_ids, evaluate_ids
+from charlstm.evaluation import EvalResult, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
 
 # charlstm.evaluate is also the name of a function in the package namespace.
-evaluate_module = importlib.import_module("charlstm.evaluate")
+evaluate_module = importlib.import_module("charlstm.evaluation")
 VOCAB = 13
 
 

@@ -1,0 +1,158 @@
+"""Presets: the settings that learn best in a given wall-clock budget, and how one is picked.
+
+A preset fills the settings a configuration leaves at their defaults (:func:`apply_preset`);
+``RunConfig`` applies its ``preset`` when it is built, so a configuration made in Python holds
+the preset's settings just as one made by the command line does. ``preset = "auto"`` leaves
+the choice to :func:`train <charlstm.training.train>`, which measures this machine's speed
+once the corpus is read and picks with :func:`choose_preset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from charlstm.config import RunConfig
+
+# Chosen by experiment (benchmarks/time_to_quality.py, docs/experiments.md): the settings that
+# reach the lowest validation loss on Tiny Shakespeare within each wall-clock budget on a
+# 2-core CPU. The configuration's defaults are the 5-minute preset itself.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A short run cannot overfit: no dropout, and one wide layer with shorter sequences for
+    # more updates of a network that learns fast; one evaluation, at the end.
+    "1m": {
+        "time_budget": "1m",
+        "n_layers": 1,
+        "hidden_dim": 384,
+        "dropout": 0.0,
+        "weight_decay": 0.2,
+        "seq_len": 64,
+        "eval_every": 5000,
+    },
+    "5m": {"time_budget": "5m"},
+    # Long enough for a wider network, which memorises 1 MB of text unless dropout and weight
+    # decay are strong (with Muon, 384 units still peak two thirds of the way through), and
+    # for a longer weight average, which holds the best weights through that overfitting.
+    "20m": {
+        "time_budget": "20m",
+        "hidden_dim": 384,
+        "dropout": 0.5,
+        "weight_decay": 0.5,
+        "lr": 7e-3,
+        "warmup_steps": 100,
+        "ema": 0.998,
+    },
+}
+# The value of ``preset`` that asks the run to pick one for this machine and corpus.
+AUTO = "auto"
+PRESET_CHOICES = (*PRESETS, AUTO)
+
+# The default model's training speed on the machine the presets were tuned on: a 2-core
+# AVX-512 BF16 VM (docs/benchmarks.md).
+PRESET_MACHINE_SPEED = 80_000.0
+# Settings that shape what a run learns; a run given any of them, or a --preset, or a step or
+# epoch limit, keeps the settings it was given rather than having a preset picked for it.
+LEARNING_SETTINGS = frozenset(
+    key
+    for settings in PRESETS.values()
+    for key in settings
+    if key not in ("time_budget", "eval_every")
+)
+
+# Passes over the training text that a budget reads above which the best weights may come
+# before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times to keep them in
+# best/; and above which a preset's network memorises the text part-way through the run unless
+# regularised harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
+SEVERAL_EPOCHS = 6.0
+SEVERAL_EPOCHS_EVALUATIONS = 10
+MANY_EPOCHS = 30.0
+MANY_EPOCHS_DROPOUT = 0.5
+
+
+def apply_preset(config: RunConfig, settings: dict[str, Any]) -> RunConfig:
+    """``config`` with ``settings`` (flat ``name: value``, as in :data:`PRESETS`) written over
+    every setting it leaves at its default; the settings it was given win."""
+    return dataclasses.replace(config, **preset_sections(config, settings))
+
+
+def preset_sections(config: RunConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """Each section of ``config`` with ``settings`` written over its defaults (see
+    :func:`apply_preset`)."""
+    sections = {}
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        fills = {
+            f.name: settings[f.name]
+            for f in dataclasses.fields(part)
+            if f.name in settings and getattr(part, f.name) == _default(f)
+        }
+        sections[section.name] = dataclasses.replace(part, **fills) if fills else part
+    return sections
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def picks_preset(overrides: dict[str, Any]) -> bool:
+    """Whether a run given these flat overrides leaves its preset to the machine's speed (see
+    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`."""
+    given = {key.replace("-", "_") for key in overrides}
+    return not given & {"preset", "max_steps", "max_epochs", *LEARNING_SETTINGS}
+
+
+def preset_for(budget_seconds: float, chars_per_second: float) -> str:
+    """The preset for a wall-clock budget on a machine that trains the default model at
+    ``chars_per_second``: the one tuned for the budget in which the presets' machine
+    (:data:`PRESET_MACHINE_SPEED`) trains as many characters, nearest on a log scale."""
+    from charlstm.config import parse_duration
+
+    if budget_seconds <= 0 or chars_per_second <= 0:
+        raise ValueError("the budget and the speed must be positive")
+    equivalent = budget_seconds * chars_per_second / PRESET_MACHINE_SPEED
+    tuned = {name: parse_duration(settings["time_budget"]) for name, settings in PRESETS.items()}
+    return min(tuned, key=lambda name: abs(math.log(equivalent / tuned[name])))
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The preset picked for a run, the settings it brings, and why, in one line."""
+
+    name: str
+    settings: dict[str, Any]
+    reason: str
+
+
+def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
+    """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
+    and its regularisation fitted to how many times the budget reads a corpus of
+    ``train_chars`` characters. Its ``settings`` include the preset's own."""
+    from charlstm.config import ModelConfig, SessionConfig, TrainConfig
+
+    name = preset_for(budget_seconds, chars_per_second)
+    epochs = budget_seconds * chars_per_second / max(train_chars, 1)
+    settings: dict[str, Any] = {**PRESETS[name], "preset": name}
+    fitted = []
+    if epochs > MANY_EPOCHS:
+        dropout = settings.get("dropout", ModelConfig.dropout)
+        settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
+        fitted.append(f"dropout {settings['dropout']:g}: a small text read many times is memorised")
+    if epochs > SEVERAL_EPOCHS:
+        chars_per_step = settings.get("batch_size", TrainConfig.batch_size) * settings.get(
+            "seq_len", TrainConfig.seq_len
+        )
+        often = max(1, round(budget_seconds * chars_per_second / chars_per_step
+                             / SEVERAL_EPOCHS_EVALUATIONS))  # fmt: skip
+        if often < settings.get("eval_every", SessionConfig.eval_every):
+            settings["eval_every"] = often
+            fitted.append(f"an evaluation every {often} steps, so best/ keeps the best weights")
+    reason = (
+        f"this machine trains the 5m settings at {chars_per_second:,.0f} chars/s "
+        f"({chars_per_second / PRESET_MACHINE_SPEED:.2f}x the machine the presets were tuned "
+        f"on), so the budget reads the {train_chars:,} training characters about "
+        f"{epochs:.3g} times; {'; '.join(fitted) or 'its own regularisation'}"
+    )
+    return PresetChoice(name, settings, reason)
