@@ -3,6 +3,7 @@ dynamic_evaluate_ids: the same stream read by a model that keeps learning."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import refused, run_cli, train_tiny, write_text
+from conftest import tiny_net as shared_tiny_net
 
 import charlstm
 from charlstm import cli
@@ -25,10 +27,8 @@ evaluate_module = importlib.import_module("charlstm.evaluate")
 VOCAB = 13
 
 
-def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN:
-    torch.manual_seed(seed)
-    config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=24, n_layers=2, dropout=dropout)
-    return CharRNN(config, VOCAB)
+# 24 hidden units: long_memory_net opens the forget gates, rows 24 to 48 of an LSTM's biases.
+tiny_net = functools.partial(shared_tiny_net, vocab=VOCAB, hidden_dim=24)
 
 
 def long_memory_net(seed: int = 0) -> CharRNN:
