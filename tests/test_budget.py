@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm.budget import (
@@ -84,7 +83,7 @@ def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_score
     config = tiny_config(help_topics, tmp_path / "run", max_steps=None, time_budget="8s",
                          eval_every=40, val_data=[str(val)])  # fmt: skip
     result = charlstm.train(config, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "run")
     evals = [r for r in records if r["kind"] == "eval"]
     finals = [r for r in records if r["kind"] == "final"]
     assert len(evals) >= 2 and len({r["characters"] for r in evals}) == 1  # the same slice

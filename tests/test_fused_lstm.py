@@ -8,7 +8,6 @@ checks and the fallback tests at the end run everywhere.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm import fused_lstm
@@ -600,8 +599,7 @@ def two_threads():
 
 
 def metrics(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open(encoding="utf-8")]
-    return [(r["step"], r["kind"], r["loss"]) for r in rows]
+    return [(r["step"], r["kind"], r["loss"]) for r in read_metrics(run_dir)]
 
 
 @pytest.mark.usefixtures("backend")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm.checkpoint import (
@@ -264,7 +264,7 @@ def test_damaged_lines_in_the_metrics_log_are_dropped_on_resume(resumable, shake
         log.write('5\n[]\n{"step": "x"}\n{"step": -2, "kind": "train"}\n{"kind"\n')
     config = tiny_config(shakespeare_200k, resumable, max_steps=9, resume=str(resumable))
     charlstm.train(config, progress=False)
-    records = [json.loads(line) for line in (resumable / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(resumable)
     assert all(isinstance(r, dict) and r["step"] >= 0 for r in records)
     assert records[-1]["step"] == 9
 
@@ -308,5 +308,5 @@ def test_a_failed_metrics_write_is_one_line_and_the_run_resumes(shakespeare_200k
     resumed = subprocess.run([*command, "--resume", str(out)], capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(out)]
     assert steps[-1] == 600 and steps == sorted(steps)
