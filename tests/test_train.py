@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 from safetensors.torch import load_file
 
 import charlstm
@@ -33,18 +33,8 @@ LN2 = math.log(2)
 UNIGRAM_ENTROPY = 3.275
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl as records, parsed strictly (NaN and Infinity are not JSON)."""
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line, parse_constant=_reject_constant) for line in lines]
-
-
-def losses(records: list[dict], kind: str) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
+def losses(run_dir: Path, kind: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir, kind)]
 
 
 def weights_bytes(checkpoint: Path) -> bytes:
@@ -145,8 +135,8 @@ def test_same_seed_gives_identical_logs_and_weights(shakespeare_200k, tmp_path):
         return out
 
     first, second, other = run("a", 7), run("b", 7), run("c", 8)
-    assert losses(read_metrics(first), "train") == losses(read_metrics(second), "train")
-    assert losses(read_metrics(first), "eval") == losses(read_metrics(second), "eval")
+    assert losses(first, "train") == losses(second, "train")
+    assert losses(first, "eval") == losses(second, "eval")
     for checkpoint in ("best", "last"):
         assert weights_bytes(first / checkpoint) == weights_bytes(second / checkpoint)
     # ...and the comparison can tell runs apart: another seed gives other weights.
@@ -325,7 +315,7 @@ def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
         return tmp_path / name
 
     plain, measured = run("plain", False), run("measured", True)
-    assert losses(read_metrics(plain), "train") == losses(read_metrics(measured), "train")
+    assert losses(plain, "train") == losses(measured, "train")
     assert weights_bytes(plain / "last") == weights_bytes(measured / "last")
 
 
@@ -371,7 +361,7 @@ def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, 
     assert result.steps >= 10  # it used the budget rather than stopping at once
     for checkpoint in ("best", "last"):
         assert checkpoint_info(out / checkpoint)["step"] == result.steps
-    assert losses(read_metrics(out), "eval")[-1][0] == result.steps
+    assert losses(out, "eval")[-1][0] == result.steps
 
 
 # ---- variants -------------------------------------------------------------------------------
@@ -381,7 +371,7 @@ def test_random_batching_trains(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(shakespeare_200k, out, batching="random", max_steps=40, lr=1e-2)
     result = charlstm.train(config, progress=False)
-    train = [loss for _, loss in losses(read_metrics(out), "train")]
+    train = [loss for _, loss in losses(out, "train")]
     assert train[-1] < train[0] - 0.4
     assert result.best_val.loss < 3.6  # an untrained model scores ln(62) = 4.13
     resume_state = json.loads((out / "last" / "resume.json").read_text(encoding="utf-8"))
