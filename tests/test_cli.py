@@ -18,16 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TIMEOUT, cli_env, run_cli
+from conftest import CLI_TIMEOUT, FAST_TRAIN, cli_env, run_cli
 
 import charlstm
-
-# Flags that keep a training command tiny in case a check under test fails to stop it.
-FAST_TRAIN = [
-    "--max-steps", "5", "--embed-dim", "16", "--hidden-dim", "32", "--batch-size", "8",
-    "--seq-len", "32", "--eval-every", "5", "--device", "cpu", "--precision", "fp32",
-    "--sample-length", "0",
-]  # fmt: skip
 
 
 def run_many(
@@ -376,6 +369,12 @@ def test_eval_without_data_scores_the_validation_split_and_dynamic_adapts(
 
 # ---- errors ---------------------------------------------------------------------------------
 
+
+def train_with(*flags: str) -> list[str]:
+    """A command of ERROR_CASES: train on the shared corpus with ``flags``."""
+    return ["train", "--data", "{corpus}", "--out", "{out}", *flags]
+
+
 # (name, arguments, message pattern); {placeholders} are paths made by the fixture below, and
 # "train" commands get FAST_TRAIN first so that a missing check cannot start a long run.
 ERROR_CASES = [
@@ -397,21 +396,16 @@ ERROR_CASES = [
     ("length-0", ["sample", "{run}", "--length", "0"], r"--length must be at least 1, got 0"),
     ("num-samples", ["sample", "{run}", "--num-samples", "0"],
      r"--num-samples must be at least 1, got 0"),
-    ("hidden-dim", ["train", "--data", "{corpus}", "--out", "{out}", "--hidden-dim", "-3"],
-     r"--hidden-dim must be at least 1"),
-    ("embed-dim", ["train", "--data", "{corpus}", "--out", "{out}", "--embed-dim", "0"],
-     r"--embed-dim must be at least 1"),
-    ("n-layers", ["train", "--data", "{corpus}", "--out", "{out}", "--n-layers", "0"],
-     r"--n-layers must be at least 1"),
-    ("seq-len", ["train", "--data", "{corpus}", "--out", "{out}", "--seq-len", "-5"],
-     r"--seq-len must be at least 1"),
-    ("dropout-negative", ["train", "--data", "{corpus}", "--out", "{out}", "--dropout", "-0.1"],
-     r"--dropout must be in \[0, 1\)"),
-    ("lr-negative", ["train", "--data", "{corpus}", "--out", "{out}", "--lr=-0.001"],
-     r"--lr must be greater than 0"),
+    ("hidden-dim", train_with("--hidden-dim", "-3"), r"--hidden-dim must be at least 1"),
+    ("embed-dim", train_with("--embed-dim", "0"), r"--embed-dim must be at least 1"),
+    ("n-layers", train_with("--n-layers", "0"), r"--n-layers must be at least 1"),
+    ("seq-len", train_with("--seq-len", "-5"), r"--seq-len must be at least 1"),
+    ("dropout-negative", train_with("--dropout", "-0.1"), r"--dropout must be in \[0, 1\)"),
+    ("lr-negative", train_with("--lr=-0.001"), r"--lr must be greater than 0"),
     ("one-character", ["train", "--data", "{monotone}", "--out", "{out}"],
      r"has only one distinct character, 'a': there is nothing to predict"),
-    ("shorter-than-a-batch", ["train", "--data", "{short}", "--out", "{out}"],
+    ("shorter-than-a-batch", ["train", "--data", "{short}", "--out", "{out}", "--batch-size",
+                              "8", "--seq-len", "32"],
      r"the training text has [\d,]+ characters but one batch of 8 x 32 needs at least 257: "
      r"use more text or a smaller --batch-size or --seq-len"),
     ("binary-in-directory", ["train", "--data", "{mixed}", "--out", "{out}"],
@@ -424,12 +418,9 @@ ERROR_CASES = [
      r"charlstm never unpickles files"),
     ("foreign-checkpoint", ["eval", "{foreign}", "--data", "{corpus}"],
      r"{foreign}/best/config\.json is not a charlstm checkpoint configuration"),
-    ("dropout", ["train", "--data", "{corpus}", "--out", "{out}", "--dropout", "1.0"],
-     r"--dropout must be in \[0, 1\)"),
-    ("batch-size", ["train", "--data", "{corpus}", "--out", "{out}", "--batch-size", "0"],
-     r"--batch-size must be at least 1"),
-    ("lr", ["train", "--data", "{corpus}", "--out", "{out}", "--lr", "0"],
-     r"--lr must be greater than 0"),
+    ("dropout", train_with("--dropout", "1.0"), r"--dropout must be in \[0, 1\)"),
+    ("batch-size", train_with("--batch-size", "0"), r"--batch-size must be at least 1"),
+    ("lr", train_with("--lr", "0"), r"--lr must be greater than 0"),
     ("existing-run", ["train", "--data", "{corpus}", "--out", "{existing}"],
      r"run directory {existing} already exists; use --resume {existing} to continue it or "
      r"--overwrite to replace it"),
@@ -439,7 +430,7 @@ ERROR_CASES = [
      r"{notrun} is not a charlstm checkpoint or run directory"),
     ("sample-missing-path", ["sample", "{tmp}/nowhere"], r"{tmp}/nowhere does not exist"),
     ("unknown-flag", ["train", "--bogus"], r"unrecognized arguments: --bogus"),
-    ("time-budget", ["train", "--data", "{corpus}", "--out", "{out}", "--time-budget", "5x"],
+    ("time-budget", train_with("--time-budget", "5x"),
      r"--time-budget '5x' is not a positive duration"),
     ("missing-config", ["train", "--config", "{tmp}/none.toml"],
      r"config file {tmp}/none\.toml does not exist"),
