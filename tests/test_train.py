@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -378,16 +379,29 @@ def test_random_batching_trains(shakespeare_200k, tmp_path):
     assert resume_state["batcher"] == {"step": 40}
 
 
-@pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_each_cell_type_trains(shakespeare_200k, tmp_path, cell):
+@pytest.mark.parametrize(("cell", "gates"), [("gru", 3), ("rnn", 1)])
+def test_each_cell_type_trains(shakespeare_200k, tmp_path, cell, gates):
     out = tmp_path / "run"
     config = tiny_config(shakespeare_200k, out, cell=cell, max_steps=30, lr=1e-2)
     result = charlstm.train(config, progress=False)
+    train = [loss for _, loss in losses(out, "train")]
+    assert train[-1] < train[0] - 0.3  # it learns
     assert result.best_val.loss < 3.6  # an untrained model scores ln(62) = 4.13
+    # The checkpoint holds the cell's weights: a block of 64 rows a gate (an LSTM has 4).
+    weights = load_file(out / "best" / "model.safetensors")
+    for layer, inputs in ((0, 32), (1, 64)):
+        assert weights[f"rnn.weight_ih_l{layer}"].shape == (gates * 64, inputs)
+        assert weights[f"rnn.weight_hh_l{layer}"].shape == (gates * 64, 64)
+    # The model runs that cell: torch's own module with these weights computes its last layer.
     model = charlstm.load(str(out), device="cpu")
     assert model.config.model.cell == cell
-    recurrent = {type(m).__name__ for m in model.net.modules()}
-    assert {"gru": "GRU", "rnn": "RNN"}[cell] in recurrent and "LSTM" not in recurrent
+    module = {"gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](32, 64, 2, batch_first=True)
+    module.load_state_dict({k.removeprefix("rnn."): v for k, v in weights.items() if "rnn." in k})
+    ids = torch.randint(model.net.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = module(model.net.embed(ids))
+        features, _ = model.net.eval().features(ids)
+    torch.testing.assert_close(features[..., -64:], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_text_too_short_for_one_batch_is_refused(shakespeare_200k, tmp_path):
@@ -406,12 +420,16 @@ def test_an_absurd_learning_rate_stops_with_an_error_naming_the_step(shakespeare
     config = tiny_config(shakespeare_200k, out, lr=1e6, grad_clip=0.0, warmup_steps=0)
     with pytest.raises(CharLSTMError) as error:
         charlstm.train(config, progress=False)
-    message = str(error.value)
-    assert "not finite" in message
-    assert "in a row at step" in message
-    assert "try a lower --lr (now 1e+06)" in message
-    # No checkpoint of a diverged model: none at all here (it diverged before evaluating).
-    assert not (out / "best").exists() or all_finite(out / "best")
+    stopped = re.fullmatch(
+        r"the loss was not finite \((nan|inf)\) for 5 steps in a row at step (\d+); "
+        r"try a lower --lr \(now 1e\+06\)",
+        str(error.value),
+    )
+    assert stopped, str(error.value)
+    # It diverged within a few steps, before the first log line (step 10, the default
+    # log_every) and the first evaluation: such a run leaves no directory at all.
+    assert int(stopped.group(2)) < 10
+    assert not out.exists()
 
 
 def test_skipped_steps_keep_the_metrics_log_valid_json(shakespeare_200k, tmp_path):
@@ -421,26 +439,33 @@ def test_skipped_steps_keep_the_metrics_log_valid_json(shakespeare_200k, tmp_pat
         charlstm.train(config, progress=False)
     # Skipped steps are not counted: the run stops at the step after the last applied one.
     last_applied = int(str(stopped.value).split("at step ")[1].split(";")[0]) - 1
-    records = read_metrics(out)
-    assert records, "no training record was logged before the run stopped"
+    assert last_applied >= 2, "it diverged before the first log line: nothing to check"
+    records = read_metrics(out)  # strict: a NaN or Infinity in the log fails here
+    # A train record every second step up to the last applied one, each with a finite loss.
+    assert [(r["step"], r["kind"]) for r in records] == [
+        (step, "train") for step in range(2, last_applied + 1, 2)
+    ]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert records[-1]["step"] <= last_applied
+    # No checkpoint of the diverged model.
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
 
 
 def test_a_diverging_run_ends_cleanly_and_never_saves_a_non_finite_best(shakespeare_200k, tmp_path):
+    # lr 1e3: the training losses stay finite but grow to ~1e11 by step 5, where the first
+    # evaluation scores a loss whose perplexity overflows.
     out = tmp_path / "run"
-    config = tiny_config(
-        shakespeare_200k, out, lr=1e3, grad_clip=0.0, warmup_steps=0, max_steps=30, eval_every=5
-    )
-    try:
+    config = tiny_config(shakespeare_200k, out, lr=1e3, grad_clip=0.0, warmup_steps=0,
+                         max_steps=30, eval_every=5, log_every=1)  # fmt: skip
+    with pytest.raises(
+        CharLSTMError,
+        match=r"^the validation loss is \S+ at step 5; the model diverged, so it is not saved: "
+        r"try a lower --lr \(now 1000\)$",
+    ):
         charlstm.train(config, progress=False)
-    except CharLSTMError as e:
-        assert "--lr" in str(e)
-    if (out / "best").exists():
-        assert all_finite(out / "best")
-        assert math.isfinite(checkpoint_info(out / "best")["val"]["perplexity"])
-    if out.exists():  # a run that stopped before writing a line leaves no directory behind
-        read_metrics(out)  # and the log is still valid JSON
+    # Neither best/ nor last/: the one evaluation was of a diverged model.
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
+    records = read_metrics(out)  # strict: valid JSON, no NaN or Infinity
+    assert [(r["step"], r["kind"]) for r in records] == [(s, "train") for s in range(1, 6)]
 
 
 def test_ctrl_c_during_a_long_evaluation_stops_within_seconds_and_saves(tmp_path):
