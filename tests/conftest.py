@@ -107,7 +107,12 @@ def tiny_config(data: Path, out: Path, **train_overrides) -> charlstm.RunConfig:
 def trained_run(shakespeare_200k: Path, tmp_path_factory) -> Path:
     """A run directory holding a small LSTM trained for 60 steps (best/ and last/)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    charlstm.train(tiny_config(shakespeare_200k, out), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread: 2 s rather than 30 on a shared 2-core machine
+    try:
+        charlstm.train(tiny_config(shakespeare_200k, out), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -24,6 +24,7 @@ from charlstm.model import CharRNN
 
 # charlstm.evaluate is also the name of a function in the package namespace.
 evaluate_module = importlib.import_module("charlstm.evaluate")
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 13
 
 

@@ -18,6 +18,7 @@ from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
 from charlstm.sample import NumpyStepper, filter_probs, generate_ids, next_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 9
 
 finite_logits = st.lists(

@@ -28,6 +28,9 @@ from charlstm.data import Corpus
 from charlstm.runlock import LOCK_FILE
 from charlstm.train import loss_and_grads
 
+# On one thread, as the tiny models here train fastest (see conftest's one_thread); batches split
+# between two threads are trained by the commands of test_cli and test_train_crash.
+pytestmark = pytest.mark.usefixtures("one_thread")
 LN2 = math.log(2)
 # Unigram entropy of the first 180,000 characters (the training part) of shakespeare_200k:
 # what a model that ignores context reaches at best.
