@@ -72,6 +72,7 @@ def test_scoring_cost_counts_each_segments_priming():
     assert score_seconds(1_000, 1e6) == pytest.approx(SCORE_MARGIN * (1_000 + 256) / 1e6)
 
 
+@pytest.mark.slow
 def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_scored_on_more(
     help_topics, tmp_path, capsys
 ):
@@ -112,6 +113,7 @@ def test_a_run_the_budget_stops_after_a_handful_of_steps_is_warned_about(help_to
     )
 
 
+@pytest.mark.slow
 def test_a_tiny_budget_is_refused_before_the_run_directory_is_touched(help_topics, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(help_topics),
@@ -124,6 +126,7 @@ def test_a_tiny_budget_is_refused_before_the_run_directory_is_touched(help_topic
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_default_command_trains_on_more_than_256_distinct_characters(tmp_path):
     """The speed probe draws text of the corpus's own vocabulary size (it once overflowed
     uint8 above 256 symbols)."""

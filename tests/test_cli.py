@@ -85,6 +85,7 @@ def test_help_usage_mistakes_and_rejected_settings_answer_before_torch_loads(tmp
     assert result.stderr.splitlines()[-1] == f"sample {tmp_path}: exit 2, torch loaded: True"
 
 
+@pytest.mark.slow
 def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_data_dir, tmp_path):
     out = tmp_path / "run"
     result = ok(
@@ -109,6 +110,7 @@ def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_d
     assert {"best", "last", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
 
 
+@pytest.mark.slow
 def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
     shakespeare_200k, isolated_data_dir, tmp_path
 ):
@@ -164,6 +166,7 @@ def test_train_on_a_text_without_newlines_still_prints_its_sample(
     assert "\n" not in result.stdout[:-1]  # only characters the model knows
 
 
+@pytest.mark.slow
 def test_config_file_sets_values_flags_override_and_resume_keeps_them(
     shakespeare_200k, isolated_data_dir, tmp_path
 ):
@@ -210,6 +213,7 @@ def test_config_file_sets_values_flags_override_and_resume_keeps_them(
 # ---- sample ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sample_prints_exactly_length_characters_reproducibly(
     trained_run, isolated_data_dir, tmp_path
 ):
@@ -226,6 +230,7 @@ def test_sample_prints_exactly_length_characters_reproducibly(
     assert first.stdout != other.stdout
 
 
+@pytest.mark.slow
 def test_num_samples_prints_that_many_samples(trained_run, isolated_data_dir, tmp_path):
     result = ok(
         run_cli(
@@ -246,6 +251,7 @@ def test_num_samples_prints_that_many_samples(trained_run, isolated_data_dir, tm
     assert len(set(samples)) == 3  # independent draws, not one sample three times
 
 
+@pytest.mark.slow
 def test_temperature_zero_is_deterministic_without_a_seed(trained_run, isolated_data_dir, tmp_path):
     greedy = ["sample", trained_run, "--temperature", "0", "--length", "60", "--device", "cpu"]
     first, second = run_many([greedy, greedy], isolated_data_dir, tmp_path)
@@ -253,6 +259,7 @@ def test_temperature_zero_is_deterministic_without_a_seed(trained_run, isolated_
     assert len(first.stdout) == 61
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--num-samples", "3"]], ids=["stream", "batch"])
 def test_sample_into_a_closed_pipe_exits_quietly(trained_run, isolated_data_dir, tmp_path, extra):
     # `charlstm sample ... | head -c 10` where head has already gone: the reader end is closed
@@ -276,6 +283,7 @@ def test_sample_into_a_closed_pipe_exits_quietly(trained_run, isolated_data_dir,
     assert result.returncode == 0
 
 
+@pytest.mark.slow
 def test_sample_stops_quietly_when_the_reader_leaves_early(
     trained_run, isolated_data_dir, tmp_path
 ):
@@ -305,6 +313,7 @@ def test_sample_stops_quietly_when_the_reader_leaves_early(
 # ---- eval -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
     data = tmp_path / "eval.txt"
@@ -334,6 +343,7 @@ def test_eval_prints_loss_bits_and_perplexity(trained_run, isolated_data_dir, tm
     assert f"scoring: {len(text) - 1}char [" in human.stderr
 
 
+@pytest.mark.slow
 def test_eval_without_data_scores_the_validation_split_and_dynamic_adapts(
     trained_run, isolated_data_dir, tmp_path
 ):
@@ -522,6 +532,7 @@ def test_error_leaves_an_existing_run_untouched(error_results, trained_run):
     assert not paths["out"].exists()  # no failed command created its run directory
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(trained_run, isolated_data_dir, tmp_path):
     result = run_cli(
         ["sample", trained_run, "--prompt", "é", "--debug", "--device", "cpu"],

@@ -111,6 +111,7 @@ def test_mistakes_are_refused_before_anything_trains(comparison, tmp_path):
     assert not list(tmp_path.iterdir()), "a refused comparison wrote something"
 
 
+@pytest.mark.slow
 def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
     base = ["compare", "--data", small_corpus, *CLI_SMALL, "--eval-every", "1000"]
     commands = [

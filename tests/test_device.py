@@ -33,6 +33,7 @@ print(before, faults())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
@@ -57,6 +58,7 @@ def openmp_settings(wait_policy: str | None) -> str:
     return out.stderr
 
 
+@pytest.mark.slow
 def test_idle_openmp_threads_sleep_instead_of_spinning():
     settings = openmp_settings(None)
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings

@@ -29,6 +29,7 @@ from charlstm.batching import IGNORE, StatefulBatcher, make_batcher
 from charlstm.data import load_corpus
 
 pytestmark = [
+    pytest.mark.slow,  # torchrun: a few processes that each import torch, for every test
     pytest.mark.skipif(
         not torch.distributed.is_available() or sys.platform != "linux",
         reason="needs torch.distributed with gloo, on Linux",

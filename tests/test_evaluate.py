@@ -316,6 +316,7 @@ def own_run(tmp_path) -> tuple:
     return train_tiny(text, tmp_path / "run"), text
 
 
+@pytest.mark.slow
 def test_eval_refuses_the_validation_split_of_a_training_text_that_changed(
     own_run, isolated_data_dir, tmp_path, capsys
 ):

@@ -295,6 +295,7 @@ def test_every_buffer_handed_to_the_kernel_is_checked(tensor, dtype, shape, erro
     assert parts == [good.data_ptr(), 128, 0, 0]  # None: no buffer, NULL to the kernel
 
 
+@pytest.mark.slow
 def test_the_checks_hold_under_python_O():
     code = """
 import torch
@@ -602,6 +603,7 @@ def metrics(run_dir):
     return [(r["step"], r["kind"], r["loss"]) for r in read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("backend")
 @pytest.mark.usefixtures("two_threads")
 def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):

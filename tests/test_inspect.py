@@ -186,6 +186,7 @@ def test_png_of_the_best_units(tmp_path):
 # ---- a trained model ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_trained_model_has_a_unit_that_tracks_the_position_in_the_line(
     shakespeare_200k, tmp_path
 ):
@@ -211,6 +212,7 @@ def test_a_trained_model_has_a_unit_that_tracks_the_position_in_the_line(
 # ---- the command --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inspect_command(trained_run, shakespeare_200k, isolated_data_dir, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text(shakespeare_200k.read_text(encoding="utf-8")[180_000:185_000], "utf-8")

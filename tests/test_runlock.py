@@ -82,6 +82,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_frees_the_lock(
         assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [["--resume", "auto", "--out"], ["--resume"]])
 def test_train_on_a_run_directory_in_use_is_one_line_and_touches_nothing(
     trained_run, shakespeare_200k, isolated_data_dir, tmp_path, resume
@@ -142,6 +143,7 @@ def small_checkpoint(directory: Path, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.slow
 def test_readers_during_replacements_read_whole_checkpoints_and_never_break_the_writer(tmp_path):
     run = tmp_path / "run"
     versions = {seed: small_checkpoint(run / "best", seed) for seed in range(2)}
@@ -292,6 +294,7 @@ def limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_metrics_write_is_one_line_and_the_run_resumes(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(shakespeare_200k),

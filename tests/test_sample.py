@@ -438,6 +438,7 @@ def test_long_prompts_are_read_in_pieces_with_the_state_carried(monkeypatch):
     assert all(torch.equal(row, whole[0]) for row in pieces)
 
 
+@pytest.mark.slow
 def test_the_default_prompt_samples_a_model_trained_on_one_line(isolated_data_dir, tmp_path):
     """A text without a newline: `charlstm sample` with no --prompt starts from the model's
     stand-in for one instead of refusing a character the user never typed."""

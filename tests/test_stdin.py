@@ -14,6 +14,7 @@ import shutil
 import pytest
 from conftest import FAST_TRAIN, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs two or three commands in subprocesses
 LINES = "".join(f"{i}: the quick brown fox jumps over the lazy dog — ünïcödé\n" for i in range(300))
 
 

@@ -68,6 +68,7 @@ def write_text(path: Path, text: str) -> Path:
 # ---- learning -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_learn_well_below_the_unigram_entropy(shakespeare_200k, tmp_path):
     # Measured on 2 CPU cores (torch 2.13, fp32), 300 steps of this configuration reach a
     # validation loss of 1.582 (seed 1337), 1.581, 1.580, 1.575, 1.579 (seeds 1-4) nats/char,
@@ -131,6 +132,7 @@ def test_metrics_log_has_train_and_eval_records_with_consistent_units(trained_ru
     assert saved["val"]["loss"] == pytest.approx(best["loss"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_logs_and_weights(shakespeare_200k, tmp_path):
     def run(name: str, seed: int) -> Path:
         out = tmp_path / name
@@ -178,6 +180,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
 # ---- resume ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_200k, tmp_path, capsys):
     # The constant schedule (after warm-up) does not depend on max_steps, so 40 + 40 steps
     # and one run of 80 follow the same learning rates; dropout is 0 in tiny_config.
@@ -350,6 +353,7 @@ def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path
         charlstm.measure_speed(config)
 
 
+@pytest.mark.slow
 def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     budget = 3.0
@@ -471,6 +475,7 @@ def test_a_diverging_run_ends_cleanly_and_never_saves_a_non_finite_best(shakespe
     assert [(r["step"], r["kind"]) for r in records] == [(s, "train") for s in range(1, 6)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_long_evaluation_stops_within_seconds_and_saves(tmp_path):
     """A first Ctrl-C is honoured between forward calls of an evaluation, not after it: the
     run saves last/ and exits 130 (a 10 M-character validation split once took 17 minutes)."""

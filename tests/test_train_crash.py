@@ -22,6 +22,7 @@ from conftest import read_metrics, without_timing
 
 from charlstm.runlock import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # training processes killed and resumed, 150 steps each
 TIMEOUT = 180
 STEPS = 150
 # A small, fast model, a checkpoint every 25 steps, dropout on (so the RNG state matters).
