@@ -7,6 +7,7 @@ or text the tests write. Tiny Shakespeare in ../shared is for the benchmarks onl
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 
 import charlstm
 from charlstm.corpora import fetch_builtin
+from charlstm.model import CharRNN
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +111,76 @@ def tiny_config(data: Path, out: Path, **train_overrides) -> charlstm.RunConfig:
 def trained_run(shakespeare_200k: Path, tmp_path_factory) -> Path:
     """A run directory holding a small LSTM trained for 60 steps (best/ and last/)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    charlstm.train(tiny_config(shakespeare_200k, out), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread: 2 s rather than 30 on a shared 2-core machine
+    try:
+        charlstm.train(tiny_config(shakespeare_200k, out), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out
+
+
+def tiny_net(
+    cell: str = "lstm",
+    *,
+    n_layers: int = 2,
+    dropout: float = 0.0,
+    seed: int = 0,
+    vocab: int = 11,
+    embed_dim: int = 8,
+    hidden_dim: int = 16,
+    head_scale: float = 1.0,
+) -> CharRNN:
+    """An untrained network, the same for the same arguments (``seed`` seeds torch's global
+    generator first). ``head_scale`` multiplies the head's weights: greedy choices then lie
+    far from ties."""
+    torch.manual_seed(seed)
+    config = charlstm.ModelConfig(
+        cell=cell, embed_dim=embed_dim, hidden_dim=hidden_dim, n_layers=n_layers, dropout=dropout
+    )
+    net = CharRNN(config, vocab)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            net.head.weight.mul_(head_scale)
+    return net
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_bytes: int = 10_000) -> None:
+    """A real, non-blank PNG: its signature, a plausible size, and pixels that differ."""
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is suspiciously small ({len(data)} bytes)"
+    pixels = imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100
+    assert float(pixels[..., :3].std()) > 0.02, "the picture is blank"
+
+
+# ---- metrics.jsonl --------------------------------------------------------------------------
+
+# Fields of a metrics record that measure time, and so differ between two runs of the same steps.
+TIMING_FIELDS = ("elapsed", "chars_per_s", "seconds")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """A run's metrics.jsonl as records (only those of ``kind``, if given: "train", "eval",
+    "final"), parsed strictly: NaN and Infinity are not JSON, so a log holding them fails."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line, parse_constant=_reject_constant) for line in lines]
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Records without their TIMING_FIELDS: what two runs of the same steps must agree on."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 # ---- the real command in a subprocess ---------------------------------------------------------
@@ -135,15 +205,26 @@ def cli_env(data_dir: Path) -> dict[str, str]:
 
 
 def run_cli(
-    args: Sequence[object], data_dir: Path, cwd: Path, *, python: str | None = None
+    args: Sequence[object],
+    data_dir: Path,
+    cwd: Path,
+    *,
+    python: str | None = None,
+    threads: int | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess:
     """``charlstm ARGS`` in a fresh process (or ``python -c PYTHON ARGS``, for a script that
-    changes something first and then runs the command's ``main``)."""
+    changes something first and then runs the command's ``main``). ``threads`` sets
+    OMP_NUM_THREADS (1: as in the modules that use :func:`one_thread`); ``input`` is piped to
+    standard input, which is otherwise /dev/null (nothing to read, and not a pipe)."""
     command = ["-c", python] if python else ["-m", "charlstm"]
+    env = cli_env(data_dir)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(
         [sys.executable, *command, *map(str, args)],
-        capture_output=True, text=True, encoding="utf-8", env=cli_env(data_dir), cwd=cwd,
-        timeout=CLI_TIMEOUT,
+        input=input, stdin=subprocess.DEVNULL if input is None else None,
+        capture_output=True, text=True, encoding="utf-8", env=env, cwd=cwd, timeout=CLI_TIMEOUT,
     )  # fmt: skip
 
 

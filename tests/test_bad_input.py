@@ -150,6 +150,7 @@ raise SystemExit(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["enough", "scarce"])
 def test_a_full_disk_for_the_encoded_cache_is_one_line_or_none(tmp_path, monkeypatch, memory):
     """ENOSPC on the cache file (no bus error, no .npy.tmp left): the corpus is held in memory
@@ -188,6 +189,7 @@ def test_a_model_too_large_for_memory_is_refused_at_once(corpus, isolated_data_d
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_too_many_samples_for_memory_are_refused(tiny_run, isolated_data_dir, tmp_path):
     result = run_cli(["sample", tiny_run, "--num-samples", 10**12, "--length", "2"],
                      isolated_data_dir, tmp_path)  # fmt: skip
@@ -204,6 +206,7 @@ raise SystemExit(code)
 """
 
 
+@pytest.mark.slow
 def test_many_samples_of_a_long_prompt_read_the_prompt_once(
     tiny_run, tiny_text, isolated_data_dir, tmp_path
 ):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm.budget import (
@@ -73,6 +72,7 @@ def test_scoring_cost_counts_each_segments_priming():
     assert score_seconds(1_000, 1e6) == pytest.approx(SCORE_MARGIN * (1_000 + 256) / 1e6)
 
 
+@pytest.mark.slow
 def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_scored_on_more(
     help_topics, tmp_path, capsys
 ):
@@ -84,7 +84,7 @@ def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_score
     config = tiny_config(help_topics, tmp_path / "run", max_steps=None, time_budget="8s",
                          eval_every=40, val_data=[str(val)])  # fmt: skip
     result = charlstm.train(config, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "run")
     evals = [r for r in records if r["kind"] == "eval"]
     finals = [r for r in records if r["kind"] == "final"]
     assert len(evals) >= 2 and len({r["characters"] for r in evals}) == 1  # the same slice
@@ -96,7 +96,10 @@ def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_score
     assert best["val_slice"]["characters"] == slice_chars
     assert best["step"] == finals[0]["model_step"]
     closing = capsys.readouterr().err
-    assert f"over the first {finals[0]['characters'] + 1:,} of" in closing or "over all" in closing
+    # The line names the prefix the best model was scored on, as the log records it.
+    scored, total = finals[0]["characters"] + 1, len(text) * 12
+    words = f"all {total:,}" if scored >= total else f"the first {scored:,} of {total:,}"
+    assert f"over {words} validation characters" in closing
     assert result.elapsed < 8 + 1.5  # the budget held, its evaluations included
     assert not result.warnings
 
@@ -113,6 +116,7 @@ def test_a_run_the_budget_stops_after_a_handful_of_steps_is_warned_about(help_to
     )
 
 
+@pytest.mark.slow
 def test_a_tiny_budget_is_refused_before_the_run_directory_is_touched(help_topics, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(help_topics),
@@ -125,6 +129,7 @@ def test_a_tiny_budget_is_refused_before_the_run_directory_is_touched(help_topic
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_default_command_trains_on_more_than_256_distinct_characters(tmp_path):
     """The speed probe draws text of the corpus's own vocabulary size (it once overflowed
     uint8 above 256 symbols)."""

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -430,20 +431,35 @@ def _one_line_error(directory: Path) -> str:
     return message
 
 
+def error_after_changing(directory: Path, name: str, change: Callable[[bytes], bytes]) -> str:
+    """Saves a checkpoint in ``directory``, replaces the bytes of its file ``name`` by
+    ``change(bytes)``, and returns the one-line error of loading it."""
+    save(directory)
+    path = directory / name
+    path.write_bytes(change(path.read_bytes()))
+    return _one_line_error(directory)
+
+
+def json_edit(edit: Callable[[dict], object]) -> Callable[[bytes], bytes]:
+    """A change for :func:`error_after_changing`: ``edit`` applied to the parsed document."""
+
+    def change(data: bytes) -> bytes:
+        document = json.loads(data)
+        edit(document)
+        return json.dumps(document).encode("utf-8")
+
+    return change
+
+
 def test_truncated_weights(tmp_path):
-    save(tmp_path / "ck")
-    weights = tmp_path / "ck" / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[:-100])
-    message = _one_line_error(tmp_path / "ck")
+    message = error_after_changing(tmp_path / "ck", WEIGHTS_FILE, lambda data: data[:-100])
     assert "not a valid safetensors file" in message
     assert WEIGHTS_FILE in message
 
 
 def test_truncated_header(tmp_path):
-    save(tmp_path / "ck")
-    weights = tmp_path / "ck" / WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[:20])
-    assert "not a valid safetensors file" in _one_line_error(tmp_path / "ck")
+    message = error_after_changing(tmp_path / "ck", WEIGHTS_FILE, lambda data: data[:20])
+    assert "not a valid safetensors file" in message
 
 
 def test_zero_byte_weights(tmp_path):
@@ -494,11 +510,8 @@ def test_foreign_safetensors_shapes(tmp_path):
 
 
 def test_vocabulary_that_does_not_fit_the_weights(tmp_path):
-    save(tmp_path / "ck")
-    document = json.loads((tmp_path / "ck" / CONFIG_FILE).read_text(encoding="utf-8"))
-    document["vocab"]["symbols"] = document["vocab"]["symbols"][:-2]
-    (tmp_path / "ck" / CONFIG_FILE).write_text(json.dumps(document), encoding="utf-8")
-    message = _one_line_error(tmp_path / "ck")
+    drop_two = json_edit(lambda d: d["vocab"].update(symbols=d["vocab"]["symbols"][:-2]))
+    message = error_after_changing(tmp_path / "ck", CONFIG_FILE, drop_two)
     assert "vocabulary" in message
     assert "embed.weight has shape [18, 5], the configuration needs [16, 5]" in message
 
@@ -546,23 +559,14 @@ def test_config_json_of_another_program(tmp_path):
     ],
 )
 def test_malformed_config_entries(tmp_path, edit, words):
-    save(tmp_path / "ck")
-    path = tmp_path / "ck" / CONFIG_FILE
-    document = json.loads(path.read_text(encoding="utf-8"))
-    edit(document)
-    path.write_text(json.dumps(document), encoding="utf-8")
-    message = _one_line_error(tmp_path / "ck")
+    message = error_after_changing(tmp_path / "ck", CONFIG_FILE, json_edit(edit))
     assert "malformed" in message
     assert words in message
 
 
 def test_newer_format_version(tmp_path):
-    save(tmp_path / "ck")
-    path = tmp_path / "ck" / CONFIG_FILE
-    document = json.loads(path.read_text(encoding="utf-8"))
-    document["format_version"] = FORMAT_VERSION + 1
-    path.write_text(json.dumps(document), encoding="utf-8")
-    message = _one_line_error(tmp_path / "ck")
+    newer = json_edit(lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    message = error_after_changing(tmp_path / "ck", CONFIG_FILE, newer)
     assert f"format {FORMAT_VERSION + 1}" in message
     assert "newer" in message
     assert "upgrade charlstm" in message

@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
-from test_plot import assert_png, run_cli
+from conftest import assert_png, run_cli, tiny_config
 
 import charlstm
 from charlstm import CharLSTMError
@@ -112,6 +111,7 @@ def test_mistakes_are_refused_before_anything_trains(comparison, tmp_path):
     assert not list(tmp_path.iterdir()), "a refused comparison wrote something"
 
 
+@pytest.mark.slow
 def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
     base = ["compare", "--data", small_corpus, *CLI_SMALL, "--eval-every", "1000"]
     commands = [
@@ -122,7 +122,9 @@ def test_compare_command(small_corpus, isolated_data_dir, tmp_path):
         [*base, "--out", "twice", "--cells", "gru", "gru"],
     ]
     with ThreadPoolExecutor(max_workers=3) as pool:
-        steps, budget, bad = pool.map(lambda a: run_cli(a, tmp_path, isolated_data_dir), commands)
+        steps, budget, bad = pool.map(
+            lambda a: run_cli(a, isolated_data_dir, tmp_path, threads=1), commands
+        )
 
     assert steps.returncode == 0, steps.stderr
     assert "Traceback" not in steps.stderr

@@ -297,14 +297,18 @@ def test_resume_with_overwrite_is_refused_and_each_alone_is_fine():
     for resume in ("runs/a", "auto"):
         config = RunConfig().with_overrides({"resume": resume, "overwrite": True})
         assert "--overwrite replaces one: give one of them" in error_of(config.validate)
-        RunConfig().with_overrides({"resume": resume}).validate()
-    RunConfig().with_overrides({"overwrite": True}).validate()
+        assert RunConfig().with_overrides({"resume": resume}).validate().session.resume == resume
+    assert RunConfig().with_overrides({"overwrite": True}).validate().session.overwrite is True
 
 
-def test_seed_bounds_are_accepted():
-    RunConfig().with_overrides({"seed": 0}).validate()
-    RunConfig().with_overrides({"seed": 2**63 - 1}).validate()
+def test_seed_bounds_are_accepted_and_one_past_them_is_refused():
+    for seed in (0, 2**63 - 1):
+        assert RunConfig().with_overrides({"seed": seed}).validate().train.seed == seed
     SampleConfig(seed=2**63 - 1).validate()
+    for seed in (-1, 2**63):
+        message = f"--seed must be in [0, 2**63) (a 64-bit seed), got {seed}"
+        assert error_of(RunConfig().with_overrides({"seed": seed}).validate) == message
+        assert error_of(SampleConfig(seed=seed).validate) == message
 
 
 @pytest.mark.parametrize(
@@ -423,16 +427,28 @@ def test_choices_are_validated(field, flag):
     assert flag in error_of(config.validate)
 
 
+# Each setting: the last value its range accepts, and the nearest one it refuses.
+RUN_CONFIG_ENDS = {
+    "dropout": (0.0, -1e-9), "n_layers": (1, 0), "batch_size": (1, 0), "seq_len": (1, 0),
+    "beta1": (0.0, -1e-9), "weight_decay": (0.0, -1e-9), "warmup_steps": (0, -1),
+    "min_lr_ratio": (1.0, 1.0 + 1e-9), "grad_clip": (0.0, -1e-9), "max_steps": (1, 0),
+    "sample_length": (0, -1), "val_fraction": (0.999, 1.0),
+}  # fmt: skip
+
+
 def test_validate_boundaries_are_accepted():
-    """The inclusive ends of each range pass."""
-    RunConfig().with_overrides(
-        {
-            "dropout": 0.0, "n_layers": 1, "batch_size": 1, "seq_len": 1, "beta1": 0.0,
-            "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0,
-            "max_steps": 1, "sample_length": 0, "val_fraction": 0.999,
-        }
-    ).validate()  # fmt: skip
-    RunConfig().with_overrides({"val_fraction": 5.0, "val_data": ["v.txt"]}).validate()
+    """The inclusive ends of each range pass, and kept as given; a step past each is refused."""
+    ends = {key: last for key, (last, _) in RUN_CONFIG_ENDS.items()}
+    config = RunConfig().with_overrides(ends).validate()
+    flat = {key: value for part in (config.model, config.data, config.train, config.session)
+            for key, value in dataclasses.asdict(part).items()}  # fmt: skip
+    assert {key: flat[key] for key in ends} == ends
+    for key, (_, past) in RUN_CONFIG_ENDS.items():
+        flag = "--" + key.replace("_", "-")
+        assert error_of(RunConfig().with_overrides({key: past}).validate).startswith(f"{flag} must")
+    # With a validation file, --val-fraction is not used, so any value passes.
+    config = RunConfig().with_overrides({"val_fraction": 5.0, "val_data": ["v.txt"]}).validate()
+    assert (config.data.val_fraction, config.data.val_data) == (5.0, ["v.txt"])
 
 
 @pytest.mark.parametrize(
@@ -484,15 +500,35 @@ def test_dynamic_eval_config_validate_errors(settings, message):
 
 
 def test_dynamic_eval_config_boundaries_are_accepted():
+    """The ends of each range pass; a step past each is refused."""
     DynamicEvalConfig().validate()
     DynamicEvalConfig(dynamic_lr=0.0, dynamic_decay=0.0, dynamic_segment=1).validate()
     DynamicEvalConfig(dynamic_decay=1.0).validate()
     DynamicEvalConfig(dynamic_lr=1.0, dynamic_segment=10_000).validate()
+    for past, words in [
+        ({"dynamic_lr": -1e-9}, "--dynamic-lr must be 0 or positive"),
+        ({"dynamic_lr": 1.0 + 1e-9}, "--dynamic-lr must be at most 1"),
+        ({"dynamic_decay": -1e-9}, "--dynamic-decay must be in [0, 1]"),
+        ({"dynamic_decay": 1.0 + 1e-9}, "--dynamic-decay must be in [0, 1]"),
+        ({"dynamic_segment": 0}, "--dynamic-segment must be at least 1"),
+        ({"dynamic_segment": 10_001}, "--dynamic-segment must be at most 10,000"),
+    ]:
+        assert error_of(DynamicEvalConfig(**past).validate).startswith(words)
 
 
 def test_sample_config_boundaries_are_accepted():
+    """The ends of each range pass; a step past each is refused."""
     SampleConfig(length=1, temperature=0.0, top_k=0, top_p=1.0, num_samples=1).validate()
     SampleConfig(top_p=1e-9, top_k=1, unknown="replace").validate()
+    for past, words in [
+        ({"length": 0}, "--length must be at least 1"),
+        ({"temperature": -1e-9}, "--temperature must be 0 (greedy) or positive"),
+        ({"top_k": -1}, "--top-k must be 0 (off) or positive"),
+        ({"top_p": 0.0}, "--top-p must be in (0, 1]"),
+        ({"top_p": 1.0 + 1e-9}, "--top-p must be in (0, 1]"),
+        ({"num_samples": 0}, "--num-samples must be at least 1"),
+    ]:
+        assert error_of(SampleConfig(**past).validate).startswith(words)
 
 
 # --- durations and the time budget --------------------------------------------------------------

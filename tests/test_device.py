@@ -34,6 +34,7 @@ print(before, faults())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
@@ -58,6 +59,7 @@ def openmp_settings(wait_policy: str | None, run_dir: Path) -> str:
     return out.stderr
 
 
+@pytest.mark.slow
 def test_idle_openmp_threads_of_a_command_sleep_instead_of_spinning(trained_run):
     settings = openmp_settings(None, trained_run)
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import text_prefix, tiny_config
+from conftest import read_metrics, text_prefix, tiny_config, without_timing
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -29,6 +29,7 @@ from charlstm.batching import IGNORE, StatefulBatcher, make_batcher
 from charlstm.data import load_corpus
 
 pytestmark = [
+    pytest.mark.slow,  # torchrun: a few processes that each import torch, for every test
     pytest.mark.skipif(
         not torch.distributed.is_available() or sys.platform != "linux",
         reason="needs torch.distributed with gloo, on Linux",
@@ -139,13 +140,8 @@ def run_ok(args: list[str], **options) -> str:
     return err
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
-
-
 def by_step(run_dir: Path, kind: str) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run_dir) if r["kind"] == kind}
+    return {r["step"]: r for r in read_metrics(run_dir, kind)}
 
 
 def assert_same_trajectory(run: Path, reference: Path, steps: range) -> None:
@@ -158,13 +154,6 @@ def assert_same_trajectory(run: Path, reference: Path, steps: range) -> None:
             assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], abs=TOLERANCE), step
             if kind == "eval":
                 assert ours[step]["characters"] == theirs[step]["characters"]
-
-
-def without_timing(run_dir: Path) -> list[dict]:
-    return [
-        {k: v for k, v in r.items() if k not in ("elapsed", "chars_per_s", "seconds")}
-        for r in read_metrics(run_dir)
-    ]
 
 
 def step_of(checkpoint: Path) -> int:
@@ -315,7 +304,7 @@ def test_killing_one_process_stops_the_job_and_resume_auto_finishes_it(corpus, p
 
     err = run_ok(train_args(corpus, out) + args)  # the very same command
     assert f"resuming {out} at step 20" in err
-    assert without_timing(out) == without_timing(reference)
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
     for name in ("best/model.safetensors", "last/model.safetensors", "last/resume.safetensors"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 

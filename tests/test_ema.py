@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 from safetensors.torch import load_file
 
 import charlstm
@@ -70,8 +68,7 @@ def test_a_run_evaluates_and_saves_the_average_and_resume_keeps_the_training_wei
     assert training.keys() == saved.keys()
     assert any(not torch.equal(saved[name], training[name]) for name in saved)
     # The logged validation loss is the saved (averaged) model's, not the training weights'.
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
-    logged = [r["loss"] for r in records if r["kind"] == "eval"][-1]
+    logged = read_metrics(result.run_dir, "eval")[-1]["loss"]
     corpus = load_corpus(config.data)
     net = CharRNN(config.model, corpus.vocab.size)
     val = corpus.val

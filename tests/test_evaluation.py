@@ -3,6 +3,7 @@ dynamic_evaluate_ids: the same stream read by a model that keeps learning."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import refused, run_cli, train_tiny, write_text
+from conftest import tiny_net as shared_tiny_net
 
 import charlstm
 from charlstm import cli
@@ -22,13 +24,12 @@ from charlstm.model import CharRNN
 
 # charlstm.evaluate is also the name of a function in the package namespace.
 evaluate_module = importlib.import_module("charlstm.evaluation")
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 13
 
 
-def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN:
-    torch.manual_seed(seed)
-    config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=24, n_layers=2, dropout=dropout)
-    return CharRNN(config, VOCAB)
+# 24 hidden units: long_memory_net opens the forget gates, rows 24 to 48 of an LSTM's biases.
+tiny_net = functools.partial(shared_tiny_net, vocab=VOCAB, hidden_dim=24)
 
 
 def long_memory_net(seed: int = 0) -> CharRNN:
@@ -315,6 +316,7 @@ def own_run(tmp_path) -> tuple:
     return train_tiny(text, tmp_path / "run"), text
 
 
+@pytest.mark.slow
 def test_eval_refuses_the_validation_split_of_a_training_text_that_changed(
     own_run, isolated_data_dir, tmp_path, capsys
 ):

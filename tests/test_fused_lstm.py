@@ -8,7 +8,6 @@ checks and the fallback tests at the end run everywhere.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm import fused_lstm
@@ -295,6 +294,7 @@ def test_every_buffer_handed_to_the_kernel_is_checked(tensor, dtype, shape, erro
     assert parts == [good.data_ptr(), 128, 0, 0]  # None: no buffer, NULL to the kernel
 
 
+@pytest.mark.slow
 def test_the_checks_hold_under_python_O():
     code = """
 import torch
@@ -549,10 +549,10 @@ def two_threads():
 
 
 def metrics(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open(encoding="utf-8")]
-    return [(r["step"], r["kind"], r["loss"]) for r in rows]
+    return [(r["step"], r["kind"], r["loss"]) for r in read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("backend")
 @pytest.mark.usefixtures("two_threads")
 def test_training_through_the_kernel_learns_repeats_and_resumes_exactly(small_corpus, tmp_path):

@@ -3,10 +3,8 @@ numerics of training (initialisation, data order, loss, optimizer, schedule) sho
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import tiny_config, write_text
+from conftest import read_metrics, tiny_config, write_text
 
 import charlstm
 
@@ -28,7 +26,7 @@ def test_the_loss_after_ten_steps_equals_the_stored_value(tmp_path, optimizer):
         dropout=0.1, seed=7,
     )  # fmt: skip
     charlstm.train(config, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "run")
     train = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 10)
     val = next(r["loss"] for r in records if r["kind"] == "eval" and r["step"] == 10)
     assert (train, val) == pytest.approx(GOLDEN[optimizer], abs=1e-5)

@@ -10,8 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
-from test_plot import assert_png, run_cli
+from conftest import assert_png, run_cli, tiny_config
 
 import charlstm
 from charlstm import CharLSTMError
@@ -187,6 +186,7 @@ def test_png_of_the_best_units(tmp_path):
 # ---- a trained model ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_trained_model_has_a_unit_that_tracks_the_position_in_the_line(
     shakespeare_200k, tmp_path
 ):
@@ -212,6 +212,7 @@ def test_a_trained_model_has_a_unit_that_tracks_the_position_in_the_line(
 # ---- the command --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inspect_command(trained_run, shakespeare_200k, isolated_data_dir, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text(shakespeare_200k.read_text(encoding="utf-8")[180_000:185_000], "utf-8")
@@ -223,7 +224,9 @@ def test_inspect_command(trained_run, shakespeare_200k, isolated_data_dir, tmp_p
         ["inspect", trained_run, "--text", foreign],
     ]  # fmt: skip
     with ThreadPoolExecutor(max_workers=2) as pool:
-        good, bad = pool.map(lambda args: run_cli(args, tmp_path, isolated_data_dir), commands)
+        good, bad = pool.map(
+            lambda args: run_cli(args, isolated_data_dir, tmp_path, threads=1), commands
+        )
     assert good.returncode == 0, good.stderr
     assert "Traceback" not in good.stderr
     lines = good.stdout.splitlines()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a 200 MB corpus, loaded and interrupted in subprocesses
 SIZE = 200 << 20
 LOAD = (
     "import sys\n"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_net as shared_tiny_net
 
 from charlstm.config import ModelConfig
 from charlstm.errors import CharLSTMError
@@ -16,10 +18,8 @@ CELLS = ("lstm", "gru", "rnn")
 VOCAB = 11
 
 
-def tiny_net(cell: str = "lstm", *, n_layers: int = 2, dropout: float = 0.0, seed: int = 0):
-    torch.manual_seed(seed)
-    config = ModelConfig(cell=cell, embed_dim=6, hidden_dim=10, n_layers=n_layers, dropout=dropout)
-    return CharRNN(config, VOCAB)
+# Embeddings of 6 and 10 hidden units: the shapes the tests below check.
+tiny_net = functools.partial(shared_tiny_net, vocab=VOCAB, embed_dim=6, hidden_dim=10)
 
 
 def random_ids(batch: int, steps: int, seed: int = 1) -> torch.Tensor:

@@ -68,6 +68,7 @@ def test_muon_group_steps_by_the_orthogonalised_momentum_of_each_block():
     torch.testing.assert_close(optimizer.state[weight]["momentum"], momentum)
 
 
+@pytest.mark.slow
 def test_muon_learns_faster_than_adamw_on_the_same_steps(shakespeare_200k, tmp_path):
     """The default optimizer is Muon; resuming it exactly (its momentum and AdamW's moments in
     the resume state) is checked by test_train's resume tests, which run with the defaults."""

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import assert_png, run_cli, tiny_config
 
 import charlstm
 from charlstm import CharLSTMError
@@ -23,33 +20,6 @@ from charlstm.runlock import LOCK_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def assert_png(path: Path, min_bytes: int = 10_000) -> None:
-    """A real, non-blank PNG: its signature, a plausible size, and pixels that differ."""
-    from matplotlib.image import imread
-
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert len(data) > min_bytes, f"{path} is suspiciously small ({len(data)} bytes)"
-    pixels = imread(path)
-    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100
-    assert float(pixels[..., :3].std()) > 0.02, "the picture is blank"
-
-
-def run_cli(args: list[object], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    """``python -m charlstm ARGS`` in ``cwd``, on one thread (see :func:`one_thread`)."""
-    env = dict(os.environ, CHARLSTM_DATA_DIR=str(data_dir), PYTHONIOENCODING="utf-8")
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "charlstm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=cwd,
-        timeout=120,
-    )
 
 
 def write_metrics(run_dir: Path, records: list[dict], tail: str = "") -> Path:
@@ -148,7 +118,9 @@ def test_plot_command(trained_run, isolated_data_dir, tmp_path):
         ["plot", tmp_path / "nowhere"],
     ]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        good, bad = pool.map(lambda args: run_cli(args, tmp_path, isolated_data_dir), commands)
+        good, bad = pool.map(
+            lambda args: run_cli(args, isolated_data_dir, tmp_path, threads=1), commands
+        )
     assert good.returncode == 0, good.stderr
     assert good.stderr.strip() == "wrote two.png"
     assert_png(tmp_path / "two.png")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 import charlstm
 from charlstm.checkpoint import (
@@ -82,6 +82,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_frees_the_lock(
         assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [["--resume", "auto", "--out"], ["--resume"]])
 def test_train_on_a_run_directory_in_use_is_one_line_and_touches_nothing(
     trained_run, shakespeare_200k, isolated_data_dir, tmp_path, resume
@@ -142,6 +143,7 @@ def small_checkpoint(directory: Path, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.slow
 def test_readers_during_replacements_read_whole_checkpoints_and_never_break_the_writer(tmp_path):
     run = tmp_path / "run"
     versions = {seed: small_checkpoint(run / "best", seed) for seed in range(2)}
@@ -264,7 +266,7 @@ def test_damaged_lines_in_the_metrics_log_are_dropped_on_resume(resumable, shake
         log.write('5\n[]\n{"step": "x"}\n{"step": -2, "kind": "train"}\n{"kind"\n')
     config = tiny_config(shakespeare_200k, resumable, max_steps=9, resume=str(resumable))
     charlstm.train(config, progress=False)
-    records = [json.loads(line) for line in (resumable / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(resumable)
     assert all(isinstance(r, dict) and r["step"] >= 0 for r in records)
     assert records[-1]["step"] == 9
 
@@ -292,6 +294,7 @@ def limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_metrics_write_is_one_line_and_the_run_resumes(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(shakespeare_200k),
@@ -308,5 +311,5 @@ def test_a_failed_metrics_write_is_one_line_and_the_run_resumes(shakespeare_200k
     resumed = subprocess.run([*command, "--resume", str(out)], capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(out)]
     assert steps[-1] == 600 and steps == sorted(steps)

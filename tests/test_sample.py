@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import refused, run_cli, train_tiny, write_text
+from conftest import tiny_net as shared_tiny_net
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
 from charlstm.sample import NumpyStepper, filter_probs, generate_ids, next_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 9
 
 finite_logits = st.lists(
@@ -30,14 +33,8 @@ filtered_draws = {
 }
 
 
-def tiny_net(cell: str = "lstm", dropout: float = 0.0, seed: int = 0) -> CharRNN:
-    torch.manual_seed(seed)
-    config = ModelConfig(cell=cell, embed_dim=8, hidden_dim=16, n_layers=2, dropout=dropout)
-    net = CharRNN(config, VOCAB)
-    # Sharpen the untrained head a little so that greedy choices are far from ties.
-    with torch.no_grad():
-        net.head.weight.mul_(4)
-    return net
+# The head sharpened a little, so that greedy choices are far from ties.
+tiny_net = functools.partial(shared_tiny_net, vocab=VOCAB, head_scale=4.0)
 
 
 def random_logits(rows: int, width: int, seed: int = 0) -> np.ndarray:
@@ -441,6 +438,7 @@ def test_long_prompts_are_read_in_pieces_with_the_state_carried(monkeypatch):
     assert all(torch.equal(row, whole[0]) for row in pieces)
 
 
+@pytest.mark.slow
 def test_the_default_prompt_samples_a_model_trained_on_one_line(isolated_data_dir, tmp_path):
     """A text without a newline: `charlstm sample` with no --prompt starts from the model's
     stand-in for one instead of refusing a character the user never typed."""

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics, without_timing
 
 from charlstm.runlock import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # training processes killed and resumed, 150 steps each
 TIMEOUT = 180
 STEPS = 150
 # A small, fast model, a checkpoint every 25 steps, dropout on (so the RNG state matters).
@@ -29,7 +31,6 @@ TRAIN = [
     "--hidden-dim", "32", "--n-layers", "2", "--dropout", "0.1", "--batch-size", "8",
     "--seq-len", "32", "--device", "cpu", "--precision", "fp32", "--sample-length", "0",
 ]  # fmt: skip
-TIMING_FIELDS = ("elapsed", "chars_per_s", "seconds")
 
 # Runs the CLI in a process that SIGKILLs itself at a chosen point of its n-th `last/` write:
 # "mid-write" after the new weights are on disk in the temporary directory, "between-renames"
@@ -89,9 +90,7 @@ def run_ok(args: list[str]) -> str:
 
 
 def metrics_without_timing(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+    return without_timing(read_metrics(run_dir))
 
 
 def assert_same_run(resumed: Path, reference: Path) -> None:

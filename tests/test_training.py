@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 from conftest import write_text as write_words
 from safetensors.torch import load_file
 
@@ -30,24 +30,17 @@ from charlstm.loss import loss_and_grads
 from charlstm.presets import MANY_EPOCHS, MANY_EPOCHS_DROPOUT, PRESETS
 from charlstm.runlock import LOCK_FILE
 
+# On one thread, as the tiny models here train fastest (see conftest's one_thread); batches split
+# between two threads are trained by the commands of test_cli and test_train_crash.
+pytestmark = pytest.mark.usefixtures("one_thread")
 LN2 = math.log(2)
 # Unigram entropy of the first 180,000 characters (the training part) of shakespeare_200k:
 # what a model that ignores context reaches at best.
 UNIGRAM_ENTROPY = 3.275
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl as records, parsed strictly (NaN and Infinity are not JSON)."""
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line, parse_constant=_reject_constant) for line in lines]
-
-
-def losses(records: list[dict], kind: str) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
+def losses(run_dir: Path, kind: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir, kind)]
 
 
 def weights_bytes(checkpoint: Path) -> bytes:
@@ -77,6 +70,7 @@ def write_text(path: Path, text: str) -> Path:
 # ---- learning -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_learn_well_below_the_unigram_entropy(shakespeare_200k, tmp_path):
     # Measured on 2 CPU cores (torch 2.13, fp32), 300 steps of this configuration reach a
     # validation loss of 1.582 (seed 1337), 1.581, 1.580, 1.575, 1.579 (seeds 1-4) nats/char,
@@ -140,6 +134,7 @@ def test_metrics_log_has_train_and_eval_records_with_consistent_units(trained_ru
     assert saved["val"]["loss"] == pytest.approx(best["loss"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_logs_and_weights(shakespeare_200k, tmp_path):
     def run(name: str, seed: int) -> Path:
         out = tmp_path / name
@@ -148,8 +143,8 @@ def test_same_seed_gives_identical_logs_and_weights(shakespeare_200k, tmp_path):
         return out
 
     first, second, other = run("a", 7), run("b", 7), run("c", 8)
-    assert losses(read_metrics(first), "train") == losses(read_metrics(second), "train")
-    assert losses(read_metrics(first), "eval") == losses(read_metrics(second), "eval")
+    assert losses(first, "train") == losses(second, "train")
+    assert losses(first, "eval") == losses(second, "eval")
     for checkpoint in ("best", "last"):
         assert weights_bytes(first / checkpoint) == weights_bytes(second / checkpoint)
     # ...and the comparison can tell runs apart: another seed gives other weights.
@@ -187,6 +182,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(
 # ---- resume ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_200k, tmp_path, capsys):
     # The constant schedule (after warm-up) does not depend on max_steps, so 40 + 40 steps
     # and one run of 80 follow the same learning rates; dropout is 0 in tiny_config.
@@ -328,7 +324,7 @@ def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
         return tmp_path / name
 
     plain, measured = run("plain", False), run("measured", True)
-    assert losses(read_metrics(plain), "train") == losses(read_metrics(measured), "train")
+    assert losses(plain, "train") == losses(measured, "train")
     assert weights_bytes(plain / "last") == weights_bytes(measured / "last")
 
 
@@ -365,6 +361,7 @@ def test_measure_speed_checks_the_configuration_first(shakespeare_200k, tmp_path
         charlstm.measure_speed(config)
 
 
+@pytest.mark.slow
 def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     budget = 3.0
@@ -380,7 +377,7 @@ def test_time_budget_stops_in_time_and_saves_both_checkpoints(shakespeare_200k, 
     assert result.steps >= 10  # it used the budget rather than stopping at once
     for checkpoint in ("best", "last"):
         assert checkpoint_info(out / checkpoint)["step"] == result.steps
-    assert losses(read_metrics(out), "eval")[-1][0] == result.steps
+    assert losses(out, "eval")[-1][0] == result.steps
 
 
 # ---- variants -------------------------------------------------------------------------------
@@ -390,23 +387,36 @@ def test_random_batching_trains(shakespeare_200k, tmp_path):
     out = tmp_path / "run"
     config = tiny_config(shakespeare_200k, out, batching="random", max_steps=40, lr=1e-2)
     result = charlstm.train(config, progress=False)
-    train = [loss for _, loss in losses(read_metrics(out), "train")]
+    train = [loss for _, loss in losses(out, "train")]
     assert train[-1] < train[0] - 0.4
     assert result.best_val.loss < 3.6  # an untrained model scores ln(62) = 4.13
     resume_state = json.loads((out / "last" / "resume.json").read_text(encoding="utf-8"))
     assert resume_state["batcher"] == {"step": 40}
 
 
-@pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_each_cell_type_trains(shakespeare_200k, tmp_path, cell):
+@pytest.mark.parametrize(("cell", "gates"), [("gru", 3), ("rnn", 1)])
+def test_each_cell_type_trains(shakespeare_200k, tmp_path, cell, gates):
     out = tmp_path / "run"
     config = tiny_config(shakespeare_200k, out, cell=cell, max_steps=30, lr=1e-2)
     result = charlstm.train(config, progress=False)
+    train = [loss for _, loss in losses(out, "train")]
+    assert train[-1] < train[0] - 0.3  # it learns
     assert result.best_val.loss < 3.6  # an untrained model scores ln(62) = 4.13
+    # The checkpoint holds the cell's weights: a block of 64 rows a gate (an LSTM has 4).
+    weights = load_file(out / "best" / "model.safetensors")
+    for layer, inputs in ((0, 32), (1, 64)):
+        assert weights[f"rnn.weight_ih_l{layer}"].shape == (gates * 64, inputs)
+        assert weights[f"rnn.weight_hh_l{layer}"].shape == (gates * 64, 64)
+    # The model runs that cell: torch's own module with these weights computes its last layer.
     model = charlstm.load(str(out), device="cpu")
     assert model.config.model.cell == cell
-    recurrent = {type(m).__name__ for m in model.net.modules()}
-    assert {"gru": "GRU", "rnn": "RNN"}[cell] in recurrent and "LSTM" not in recurrent
+    module = {"gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](32, 64, 2, batch_first=True)
+    module.load_state_dict({k.removeprefix("rnn."): v for k, v in weights.items() if "rnn." in k})
+    ids = torch.randint(model.net.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = module(model.net.embed(ids))
+        features, _ = model.net.eval().features(ids)
+    torch.testing.assert_close(features[..., -64:], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_text_too_short_for_one_batch_is_refused(shakespeare_200k, tmp_path):
@@ -425,12 +435,16 @@ def test_an_absurd_learning_rate_stops_with_an_error_naming_the_step(shakespeare
     config = tiny_config(shakespeare_200k, out, lr=1e6, grad_clip=0.0, warmup_steps=0)
     with pytest.raises(CharLSTMError) as error:
         charlstm.train(config, progress=False)
-    message = str(error.value)
-    assert "not finite" in message
-    assert "in a row at step" in message
-    assert "try a lower --lr (now 1e+06)" in message
-    # No checkpoint of a diverged model: none at all here (it diverged before evaluating).
-    assert not (out / "best").exists() or all_finite(out / "best")
+    stopped = re.fullmatch(
+        r"the loss was not finite \((nan|inf)\) for 5 steps in a row at step (\d+); "
+        r"try a lower --lr \(now 1e\+06\)",
+        str(error.value),
+    )
+    assert stopped, str(error.value)
+    # It diverged within a few steps, before the first log line (step 10, the default
+    # log_every) and the first evaluation: such a run leaves no directory at all.
+    assert int(stopped.group(2)) < 10
+    assert not out.exists()
 
 
 def test_skipped_steps_keep_the_metrics_log_valid_json(shakespeare_200k, tmp_path):
@@ -440,28 +454,36 @@ def test_skipped_steps_keep_the_metrics_log_valid_json(shakespeare_200k, tmp_pat
         charlstm.train(config, progress=False)
     # Skipped steps are not counted: the run stops at the step after the last applied one.
     last_applied = int(str(stopped.value).split("at step ")[1].split(";")[0]) - 1
-    records = read_metrics(out)
-    assert records, "no training record was logged before the run stopped"
+    assert last_applied >= 2, "it diverged before the first log line: nothing to check"
+    records = read_metrics(out)  # strict: a NaN or Infinity in the log fails here
+    # A train record every second step up to the last applied one, each with a finite loss.
+    assert [(r["step"], r["kind"]) for r in records] == [
+        (step, "train") for step in range(2, last_applied + 1, 2)
+    ]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert records[-1]["step"] <= last_applied
+    # No checkpoint of the diverged model.
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
 
 
 def test_a_diverging_run_ends_cleanly_and_never_saves_a_non_finite_best(shakespeare_200k, tmp_path):
+    # lr 1e3: the training losses stay finite but grow to ~1e11 by step 5, where the first
+    # evaluation scores a loss whose perplexity overflows.
     out = tmp_path / "run"
-    config = tiny_config(
-        shakespeare_200k, out, lr=1e3, grad_clip=0.0, warmup_steps=0, max_steps=30, eval_every=5
-    )
-    try:
+    config = tiny_config(shakespeare_200k, out, lr=1e3, grad_clip=0.0, warmup_steps=0,
+                         max_steps=30, eval_every=5, log_every=1)  # fmt: skip
+    with pytest.raises(
+        CharLSTMError,
+        match=r"^the validation loss is \S+ at step 5; the model diverged, so it is not saved: "
+        r"try a lower --lr \(now 1000\)$",
+    ):
         charlstm.train(config, progress=False)
-    except CharLSTMError as e:
-        assert "--lr" in str(e)
-    if (out / "best").exists():
-        assert all_finite(out / "best")
-        assert math.isfinite(checkpoint_info(out / "best")["val"]["perplexity"])
-    if out.exists():  # a run that stopped before writing a line leaves no directory behind
-        read_metrics(out)  # and the log is still valid JSON
+    # Neither best/ nor last/: the one evaluation was of a diverged model.
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
+    records = read_metrics(out)  # strict: valid JSON, no NaN or Infinity
+    assert [(r["step"], r["kind"]) for r in records] == [(s, "train") for s in range(1, 6)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_long_evaluation_stops_within_seconds_and_saves(tmp_path):
     """A first Ctrl-C is honoured between forward calls of an evaluation, not after it: the
     run saves last/ and exits 130 (a 10 M-character validation split once took 17 minutes)."""
