@@ -537,19 +537,37 @@ def test_limits_defaults_match_the_command() -> None:
     assert {name: getattr(limits, name) for name in SERVE_DEFAULTS} == SERVE_DEFAULTS
 
 
-@pytest.mark.parametrize(
-    ("flags", "words"),
-    [
-        (["--max-tokens", "0"], ["--max-tokens", "at least 1"]),
-        (["--max-sequences", "0"], ["--max-sequences"]),
-        (["--drain-timeout", "-1"], ["--drain-timeout"]),
-        (["--port", "70000"], ["--port"]),
-    ],
-)
-def test_bad_flags_are_one_line(
+BAD_FLAGS = [
+    (["--max-tokens", "0"], ["--max-tokens", "at least 1"]),
+    (["--max-prompt", "-5"], ["--max-prompt"]),
+    (["--max-n", "0"], ["--max-n"]),
+    (["--max-sequences", "0"], ["--max-sequences"]),
+    (["--drain-timeout", "-1"], ["--drain-timeout"]),
+    (["--drain-timeout", "inf"], ["--drain-timeout"]),
+    (["--port", "70000"], ["--port"]),
+    (["--unknown", "ignore"], ["--unknown"]),
+]
+# Runs `charlstm ARGS` in this process, then says whether torch had loaded.
+WITHOUT_TORCH = """
+import sys
+from charlstm.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("torch loaded:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("flags", "words"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_before_torch_loads(
     trained_run: Path, session_data_dir: Path, tmp_path: Path, flags: list[str], words: list[str]
 ) -> None:
-    refused(run_cli(["serve", trained_run, *flags], session_data_dir, tmp_path), *words)
+    result = run_cli(["serve", trained_run, *flags], session_data_dir, tmp_path)
+    refused(result, *words)
+    check = run_cli(["serve", trained_run, *flags], session_data_dir, tmp_path,
+                    python=WITHOUT_TORCH)  # fmt: skip
+    assert check.stderr.splitlines()[-1] == "torch loaded: False"
 
 
 def test_missing_checkpoint_is_one_line(session_data_dir: Path, tmp_path: Path) -> None:

@@ -337,18 +337,21 @@ def _add_serve_command(commands: Any) -> argparse.ArgumentParser:
         "lets other machines in, without authentication)",
     )
     serve_cmd.add_argument(
-        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
+        "--port",
+        type=_bounded(int, 0, 65535),
+        default=8000,
+        help="TCP port; 0 picks a free one (default: 8000)",
     )
-    for flag, kind, what in (
-        ("--max-tokens", int, "characters one completion may ask for"),
-        ("--max-prompt", int, "characters of one prompt"),
-        ("--max-n", int, "completions one request may ask for (n times the prompts)"),
-        ("--max-sequences", int, "sequences generated at once; a request beyond them gets 429"),
-        ("--drain-timeout", float, "seconds running requests get to finish on SIGTERM"),
+    for flag, kind, low, what in (
+        ("--max-tokens", int, 1, "characters one completion may ask for"),
+        ("--max-prompt", int, 1, "characters of one prompt"),
+        ("--max-n", int, 1, "completions one request may ask for (n times the prompts)"),
+        ("--max-sequences", int, 1, "sequences generated at once; a request beyond them gets 429"),
+        ("--drain-timeout", float, 0, "seconds running requests get to finish on SIGTERM"),
     ):
         default = SERVE_DEFAULTS[flag[2:].replace("-", "_")]
         serve_cmd.add_argument(
-            flag, type=kind, default=default, help=f"{what} (default: {default})"
+            flag, type=_bounded(kind, low), default=default, help=f"{what} (default: {default})"
         )
     serve_cmd.add_argument(
         "--unknown",
@@ -361,9 +364,22 @@ def _add_serve_command(commands: Any) -> argparse.ArgumentParser:
     return serve_cmd
 
 
+def _bounded(kind: type, low: float, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high], so that a flag out of range is a
+    usage error answered at once, before the server's imports load torch."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError: argparse says "invalid int value"
+        if not (low <= value <= high and math.isfinite(value)):
+            bound = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _serve(args: argparse.Namespace) -> int:
-    if not 0 <= args.port <= 65535:
-        raise CharLSTMError(f"--port must be in [0, 65535], got {args.port}")
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise CharLSTMError(
@@ -379,7 +395,6 @@ def _serve(args: argparse.Namespace) -> int:
         unknown=args.unknown,
         drain_timeout=args.drain_timeout,
     )
-    limits.validate()
     return serve(args.checkpoint, args.host, args.port, limits, device=args.device)
 
 
