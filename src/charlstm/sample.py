@@ -108,6 +108,8 @@ def draw_ids(
     settings and ``rngs[i]``. A greedy row (temperature 0) draws no number; every other row
     draws one from its generator.
     """
+    if _same(temperature) and _same(top_k) and _same(top_p):  # one filter for all, cheaper
+        return next_ids(logits, temperature[0], top_k[0], top_p[0], rngs)
     ids = np.asarray(logits).argmax(axis=-1)
     sampled = np.flatnonzero(temperature != 0)
     if len(sampled) == 0:
@@ -170,6 +172,10 @@ def _kept_weights(
         weights[(cumulative - weights >= top_p * cumulative[:, -1:]) & cut_p] = 0.0
         cumulative = weights.cumsum(axis=-1)
     return weights, cumulative, order
+
+
+def _same(values: np.ndarray) -> bool:
+    return bool((values == values[0]).all())
 
 
 def _some(flags: bool | np.ndarray) -> bool:
