@@ -151,6 +151,14 @@ def test_generate_batch_returns_num_samples_strings():
     assert greedy == [model.generate("The ", length=40, temperature=0)] * 3
 
 
+def test_sample_i_is_the_same_in_a_batch_of_any_size():
+    """Each sample has its own generator, seeded from the seed and its index."""
+    model = text_model()
+    five = model.generate_batch(5, "The ", length=40, temperature=1.0, top_k=6, seed=9)
+    assert model.generate_batch(2, "The ", length=40, temperature=1.0, top_k=6, seed=9) == five[:2]
+    assert model.generate("The ", length=40, temperature=1.0, top_k=6, seed=9) == five[0]
+
+
 def test_prompt_with_unknown_characters_is_refused_listing_them():
     model = text_model()
     with pytest.raises(CharLSTMError) as info:

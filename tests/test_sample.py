@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
-from charlstm.sample import NumpyStepper, filter_probs, generate_ids, next_ids
+from charlstm.sample import (
+    MODULE_BLOCK_ROWS,
+    ModuleStepper,
+    NumpyStepper,
+    draw_ids,
+    filter_probs,
+    generate_ids,
+    next_ids,
+    read_prompt,
+    sample_rng,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 9
@@ -222,6 +232,31 @@ def test_a_symbol_with_zero_probability_is_never_drawn():
     assert set(ids.tolist()) == {0, 2}
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+            st.integers(0, 12),
+            st.sampled_from([1.0, 0.95, 0.6, 0.1]),
+            st.integers(0, 2**32),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_each_row_draws_what_next_ids_draws_for_it_alone(rows):
+    logits = random_logits(len(rows), 11, seed=len(rows)).astype(np.float32)
+    temperature, top_k, top_p, seeds = (np.array(column) for column in zip(*rows, strict=True))
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    together = draw_ids(logits, temperature, top_k, top_p, rngs)
+    for i, (t, k, p, seed) in enumerate(rows):
+        rng = np.random.default_rng(seed)
+        assert together[i] == next_ids(logits[i : i + 1], t, k, p, rng)[0]
+        # One number per sampled row, none for a greedy one: the generators stay in step.
+        assert rngs[i].random() == rng.random()
+
+
 def test_next_ids_is_reproducible_with_a_generator():
     logits = random_logits(30, 9, seed=4)
     a = next_ids(logits, 1.0, 0, 1.0, np.random.default_rng(5))
@@ -254,6 +289,24 @@ def test_fixed_seed_reproduces_and_other_seeds_differ(cell):
     c = collect(generate_ids(net, PROMPT, 60, seed=124, **settings_))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_sample_i_is_the_same_in_a_batch_of_any_size(fast):
+    net = tiny_net()
+    settings_ = {"temperature": 1.0, "top_p": 0.9, "seed": 31, "fast": fast}
+    three = collect(generate_ids(net, PROMPT, 40, num_samples=3, **settings_))
+    twenty = collect(generate_ids(net, PROMPT, 40, num_samples=20, **settings_))
+    one = collect(generate_ids(net, PROMPT, 40, **settings_))
+    assert torch.equal(twenty[:3], three)
+    assert torch.equal(three[:1], one)
+
+
+def test_sample_generators_are_the_seed_sequences_children():
+    children = np.random.SeedSequence(8).spawn(3)
+    for i, child in enumerate(children):
+        assert sample_rng(8, i).random() == np.random.default_rng(child).random()
+    assert sample_rng(None, 0).random() != sample_rng(None, 0).random()
 
 
 def test_no_seed_gives_fresh_samples():
@@ -307,7 +360,8 @@ def test_prompt_is_read_in_one_pass_then_one_step_per_character(num_samples):
     assert len(rest) == length - 1
     assert len(calls) == 1 + (length - 1)
     assert calls[0] == ((1, len(PROMPT)), False)
-    assert all(call == ((num_samples, 1), True) for call in calls[1:])
+    # Every step runs one block of the fixed number of rows, the samples and padding.
+    assert all(call == ((MODULE_BLOCK_ROWS, 1), True) for call in calls[1:])
 
 
 def test_each_step_feeds_back_the_id_it_yielded():
@@ -321,7 +375,8 @@ def test_each_step_feeds_back_the_id_it_yielded():
     finally:
         handle.remove()
     assert torch.equal(fed[0], PROMPT.view(1, -1))  # read once for both samples
-    assert torch.equal(torch.cat(fed[1:], dim=1), out[:, :-1])
+    # Each step's block holds the two samples' ids first, then padding.
+    assert torch.equal(torch.cat(fed[1:], dim=1)[:2], out[:, :-1])
 
 
 def test_samples_in_a_batch_are_independent():
@@ -388,12 +443,67 @@ def test_fast_stepper_draws_exactly_what_the_module_draws(cell, n_layers, head_i
 def test_fast_stepper_logits_match_the_module():
     net = tiny_net().eval()
     with torch.no_grad():
-        _, state = net(PROMPT.view(1, -1).expand(3, -1))
-        stepper = NumpyStepper(net, state)
+        _, state = net(PROMPT.view(1, -1))
+        stepper = NumpyStepper(net, 3)
+        stepper.load(slice(0, 3), state)
         ids = torch.tensor([0, 4, 8])
-        expected, _ = net(ids.view(3, 1), state)
+        expected, _ = net(ids.view(3, 1), tuple(s.expand(-1, 3, -1) for s in state))
         logits = torch.from_numpy(stepper(ids.numpy()))
         torch.testing.assert_close(logits, expected[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def odd_net(cell: str) -> CharRNN:
+    """Sizes that fill no SIMD register evenly: a row's place in memory varies most."""
+    torch.manual_seed(5)
+    config = ModelConfig(cell=cell, embed_dim=7, hidden_dim=37, n_layers=2, dropout=0.0)
+    return CharRNN(config, VOCAB).eval()
+
+
+def prompt_state(net: CharRNN, seed: int) -> tuple[np.ndarray, tuple[torch.Tensor, ...]]:
+    """A random prompt's logits and state, read as generation reads it (batch 1)."""
+    prompt = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, 6))
+    with torch.inference_mode():
+        logits, state = read_prompt(net, prompt)
+    return logits[0].numpy(), state
+
+
+@pytest.mark.parametrize("stepper_class", [NumpyStepper, ModuleStepper])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_row_steps_bit_for_bit_alike_at_any_place_in_any_batch(stepper_class, cell):
+    """The property batched serving rests on: a row's logits, step after step, are the same
+    bits alone as at any place among any number of other rows (whatever they hold)."""
+    net = odd_net(cell)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, 12)
+    others = [prompt_state(net, 100 + i)[1] for i in range(5)]
+
+    def run(place: int, rows: int) -> list[np.ndarray]:
+        stepper = stepper_class(net, rows)
+        for row in range(rows):  # the others: other prompts, other ids
+            stepper.load(slice(row, row + 1), others[row % len(others)])
+        stepper.load(slice(place, place + 1), prompt_state(net, 1)[1])
+        out = []
+        for i in ids:
+            step_ids = rng.integers(0, VOCAB, rows)
+            step_ids[place] = i
+            out.append(stepper(step_ids)[place].copy())
+        return out
+
+    reference = run(0, 1)
+    for place, rows in [(0, 2), (1, 2), (7, 8), (5, 20), (63, 64), (100, 300), (299, 300)]:
+        assert all(np.array_equal(a, b) for a, b in zip(run(place, rows), reference, strict=True))
+
+
+def test_moving_a_row_carries_its_state():
+    net = odd_net("lstm")
+    ids = np.array([3, 1, 4, 1])
+    stepper = NumpyStepper(net, 20)
+    stepper.load(slice(17, 18), prompt_state(net, 1)[1])
+    stepper.move(17, 2)
+    alone = NumpyStepper(net, 1)
+    alone.load(slice(0, 1), prompt_state(net, 1)[1])
+    for i in ids:
+        assert np.array_equal(stepper(np.full(3, i))[2], alone(np.array([i]))[0])
 
 
 def test_fast_path_runs_the_module_only_for_the_prompt():

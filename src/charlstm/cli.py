@@ -1,4 +1,4 @@
-"""The ``charlstm`` command: train, sample, eval, plot, compare and inspect.
+"""The ``charlstm`` command: train, sample, eval, serve, plot, compare and inspect.
 
 Flags are generated from the configuration dataclasses, so the CLI, config files and
 checkpoints cannot drift apart. This is the only module that turns errors into exit codes.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_FAILURE = 1  # the input was fine but the machine could not run it (out of memory)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+# The defaults of charlstm.server.ServeLimits (a test keeps them equal), here so that `serve
+# --help` answers without importing FastAPI and torch.
+SERVE_DEFAULTS = {"max_tokens": 2000, "max_prompt": 10_000, "max_n": 16, "max_sequences": 64,
+                  "drain_timeout": 10.0}  # fmt: skip
 # What each command can make smaller when it runs out of memory.
 _SMALLER = {
     "train": "use a smaller --hidden-dim, --n-layers, --embed-dim, --batch-size or --seq-len",
@@ -52,6 +57,7 @@ _SMALLER = {
     "sample": "use a smaller --num-samples or a shorter --prompt",
     "eval": "with --dynamic, use a smaller --dynamic-segment; or --device cpu",
     "inspect": "use a smaller --max-chars",
+    "serve": "use a smaller --max-sequences or --max-prompt",
     "plot": "plot fewer runs at once",
 }
 
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="charlstm",
         description="Character-level LSTM / GRU / RNN language models: train, sample, eval, "
-        "plot, compare, inspect.",
+        "serve, plot, compare, inspect.",
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -134,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_flag(eval_cmd)
 
+    serve_cmd = _add_serve_command(commands)
     analysis_cmds = _add_analysis_commands(commands)  # plot, compare, inspect
-    for sub in (train_cmd, sample_cmd, eval_cmd, *analysis_cmds):
+    for sub in (train_cmd, sample_cmd, eval_cmd, serve_cmd, *analysis_cmds):
         sub.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -162,7 +169,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        handlers = {"train": _train, "sample": _sample, "eval": _eval}
+        handlers = {"train": _train, "sample": _sample, "eval": _eval, "serve": _serve}
         handlers.update(plot=_plot, compare=_compare, inspect=_inspect)
         code = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe must show up here, not in Python's flush at exit
@@ -308,6 +315,87 @@ def _evaluate_validation(
             f"{e}; without --data, eval reads the validation split from the files the model "
             "was trained on: give --data FILE to score other text"
         ) from None
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+
+def _add_serve_command(commands: Any) -> argparse.ArgumentParser:
+    """The serve subcommand: its flags are ServeLimits' fields, host, port and device."""
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP: an OpenAI-compatible API and a playground page",
+        description="Serve a checkpoint: POST /v1/completions (the OpenAI Completions API, "
+        "streamed or not), GET /v1/models, GET /health, and a playground page at /. Needs "
+        "the serve extra: pip install 'charlstm[serve]'. SIGTERM drains, then exits 143.",
+    )
+    serve_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
+    serve_cmd.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; another address "
+        "lets other machines in, without authentication)",
+    )
+    serve_cmd.add_argument(
+        "--port",
+        type=_bounded(int, 0, 65535),
+        default=8000,
+        help="TCP port; 0 picks a free one (default: 8000)",
+    )
+    for flag, kind, low, what in (
+        ("--max-tokens", int, 1, "characters one completion may ask for"),
+        ("--max-prompt", int, 1, "characters of one prompt"),
+        ("--max-n", int, 1, "completions one request may ask for (n times the prompts)"),
+        ("--max-sequences", int, 1, "sequences generated at once; a request beyond them gets 429"),
+        ("--drain-timeout", float, 0, "seconds running requests get to finish on SIGTERM"),
+    ):
+        default = SERVE_DEFAULTS[flag[2:].replace("-", "_")]
+        serve_cmd.add_argument(
+            flag, type=_bounded(kind, low), default=default, help=f"{what} (default: {default})"
+        )
+    serve_cmd.add_argument(
+        "--unknown",
+        choices=UNKNOWN_POLICIES,
+        default="error",
+        help="prompt characters outside the model's vocabulary: error (a 400 naming them), "
+        "skip or replace them (default: error)",
+    )
+    _add_device_flag(serve_cmd)
+    return serve_cmd
+
+
+def _bounded(kind: type, low: float, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high], so that a flag out of range is a
+    usage error answered at once, before the server's imports load torch."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError: argparse says "invalid int value"
+        if not (low <= value <= high and math.isfinite(value)):
+            bound = f"at least {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _serve(args: argparse.Namespace) -> int:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CharLSTMError(
+            f"charlstm serve needs {' and '.join(missing)}: pip install 'charlstm[serve]'"
+        )
+    from charlstm.server import ServeLimits, serve
+
+    limits = ServeLimits(
+        max_tokens=args.max_tokens,
+        max_prompt=args.max_prompt,
+        max_n=args.max_n,
+        max_sequences=args.max_sequences,
+        unknown=args.unknown,
+        drain_timeout=args.drain_timeout,
+    )
+    return serve(args.checkpoint, args.host, args.port, limits, device=args.device)
 
 
 # ---- plot, compare, inspect -----------------------------------------------------------------

@@ -7,7 +7,7 @@ import dataclasses
 import numbers
 import re
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,9 @@ class CharLM:
         unknown: str = _DEFAULT.unknown,
     ) -> list[str]:
         """``num_samples`` independent continuations of ``prompt``, generated as one batch;
-        the settings are :meth:`stream`'s."""
+        the settings are :meth:`stream`'s. Each sample draws from its own generator, seeded
+        from ``seed`` and its index, so sample i is the same whatever the number of samples
+        (the first is :meth:`generate`'s with the same seed)."""
         config = _sample_config(
             prompt, length, num_samples, temperature, top_k, top_p, seed, unknown
         )
@@ -233,9 +235,9 @@ class CharLM:
             raise CharLSTMError("the prompt is empty; give at least one character (default: \\n)")
         self._check_sampling_memory(num_samples, length)
         if self.vocab.kind == BYTES:  # each sample's decoder holds its unfinished character
-            decoders = [_piece_decoder(self.vocab) for _ in range(num_samples)]
+            decoders = [piece_decoder(self.vocab) for _ in range(num_samples)]
         else:
-            decoders = [_piece_decoder(self.vocab)] * num_samples  # stateless: one serves all
+            decoders = [piece_decoder(self.vocab)] * num_samples  # stateless: one serves all
         steps = generate_ids(
             self.net,
             torch.from_numpy(prompt_ids.astype(np.int64)),
@@ -259,8 +261,9 @@ class CharLM:
         (its state and logits, and, for several samples, the text kept until the end)."""
         mc = self.config.model
         state = mc.n_layers * mc.hidden_dim * (2 if mc.cell == "lstm" else 1)
-        # fp32 states (torch's and numpy's), fp32 logits and two fp64 rows of probabilities.
-        per_sample = 8 * state + 20 * self.vocab.size
+        # fp32 states (torch's and numpy's), fp32 logits, two fp64 rows of probabilities, and
+        # the sample's own random generator (about 1.6 kB measured).
+        per_sample = 8 * state + 20 * self.vocab.size + 2048
         if num_samples > 1:
             per_sample += 8 * length  # generate_batch keeps a reference per character
         needed, available = num_samples * per_sample, available_memory()
@@ -334,7 +337,7 @@ def _first_detail(error: Exception) -> str:
     return (lines[1:] or lines or [type(error).__name__])[0]
 
 
-def _piece_decoder(vocab: Vocab):
+def piece_decoder(vocab: Vocab) -> Callable[[int, bool], str]:
     """A function from one id (and whether it is the last) to its text: a character, or for
     byte models whatever UTF-8 characters that byte completes (an incremental decoder, so
     multi-byte characters survive; on the last id an unfinished one becomes U+FFFD, as in

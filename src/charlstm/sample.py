@@ -6,16 +6,53 @@ so on a CPU the steps run through :class:`NumpyStepper`, the same recurrence wri
 with the weights pre-arranged. Filtering and drawing are numpy too, on at most a few thousand
 numbers per step, and shared by every path, so the fast path and the module path draw the same
 characters for the same seed.
+
+A sample's characters never depend on what else is generated beside it, which is what lets
+:mod:`charlstm.engine` serve many requests in one batch and still give each the characters that
+``charlstm sample`` gives alone. Three things make it so:
+
+- **Its own generator.** Sample ``i`` of seed ``s`` draws from :func:`sample_rng` ``(s, i)``,
+  one uniform number per sampled character, whatever the other rows draw.
+- **Products row by row.** BLAS picks its kernels and its split of the work by the shape of a
+  product, so row ``i`` of a matrix product ``X @ W`` can come out with other bits when ``X``
+  has another number of rows (measured: 241 mismatched rows over 1 to 64 rows). So
+  :class:`NumpyStepper` never multiplies a matrix of rows: each row's products are
+  matrix-vector products of that row alone, the same BLAS call with the same arguments at
+  batch 1 as at batch 64, which cannot see the other rows. (Products of a fixed number of
+  rows, padded, would also do, but cost more: at 8 rows numpy's BLAS took 4x a matrix-vector
+  product's time, copying the weights on every call, and torch's, 2x in the sampling loop and
+  4x where OpenMP threads sleep between calls, as under the ``charlstm`` command.) Everything
+  else in a step is elementwise or per row.
+- **Per-row filtering.** :func:`draw_ids` takes each row's settings and generator and computes
+  each row exactly as :func:`next_ids` does for that row alone.
+
+:class:`ModuleStepper` (the path on accelerators) calls the module on blocks of
+``MODULE_BLOCK_ROWS`` rows, every call of the same shape, so that nothing there depends on
+the number of rows either; that a row's result is also the same at every place in a block is
+likely but tested only on a CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from charlstm.model import MAX_LOGITS, WEIGHT_NAMES, CharRNN, State
+
+# Rows per module call in ModuleStepper: on an accelerator a call costs its launches, not its
+# rows, and on a CPU that path is the reference the fast one is tested against.
+MODULE_BLOCK_ROWS = 256
+
+
+def sample_rng(seed: int | None, index: int) -> np.random.Generator:
+    """The generator of sample ``index`` of a call with ``seed``: child ``index`` of the seed's
+    :class:`numpy.random.SeedSequence`, as ``SeedSequence(seed).spawn(n)[index]`` gives it, so
+    samples are independent streams and sample ``i`` is the same in a batch of any size. None
+    draws fresh entropy from the operating system."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
 
 
 def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -40,46 +77,110 @@ def next_ids(
     temperature: float,
     top_k: int,
     top_p: float,
-    rng: np.random.Generator | None,
+    rng: np.random.Generator | Sequence[np.random.Generator] | None,
 ) -> np.ndarray:
     """Draw one id per row of logits (N, V) from :func:`filter_probs`' distribution;
     temperature 0 takes the likeliest.
 
     A draw inverts the cumulative distribution at one uniform number per row (over the symbols
     in rank order when filtering, else in id order), so the same generator state and the same
-    logits always give the same ids.
+    logits always give the same ids. ``rng`` is one generator for every row (N numbers in one
+    call; None: a fresh one), or N generators, one number from each.
     """
     if temperature == 0:
         return np.asarray(logits).argmax(axis=-1)
+    if rng is None or isinstance(rng, np.random.Generator):
+        uniforms = (rng or np.random.default_rng()).random(len(logits))
+    else:
+        uniforms = np.array([generator.random() for generator in rng])
+    return _inverse_cdf(logits, temperature, top_k, top_p, uniforms)
+
+
+def draw_ids(
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+) -> np.ndarray:
+    """One id per row of logits (N, V), each row with its own settings (arrays of N) and its
+    own generator: row i's id is what :func:`next_ids` draws for that row alone with its
+    settings and ``rngs[i]``. A greedy row (temperature 0) draws no number; every other row
+    draws one from its generator.
+    """
+    if _same(temperature) and _same(top_k) and _same(top_p):  # one filter for all, cheaper
+        return next_ids(logits, temperature[0], top_k[0], top_p[0], rngs)
+    ids = np.asarray(logits).argmax(axis=-1)
+    sampled = np.flatnonzero(temperature != 0)
+    if len(sampled) == 0:
+        return ids
+    uniforms = np.array([rngs[i].random() for i in sampled])
+    k, p = top_k[sampled, None], top_p[sampled, None]
+    filtered = (((k > 0) & (k < logits.shape[-1])) | (p < 1.0))[:, 0]
+    # Filtering draws over the symbols in rank order, not filtering in id order: each row goes
+    # with the rows that take its path, and every step below is a row's own.
+    for group in (~filtered, filtered):
+        rows = sampled[group]
+        if len(rows):
+            t = temperature[rows, None]
+            ids[rows] = _inverse_cdf(logits[rows], t, k[group], p[group], uniforms[group])
+    return ids
+
+
+# A filter setting: one for every row, or a column (N, 1) of one per row.
+Setting = float | np.ndarray
+
+
+def _inverse_cdf(
+    logits: np.ndarray, temperature: Setting, top_k: Setting, top_p: Setting, uniforms: np.ndarray
+) -> np.ndarray:
+    """The id each row's uniform number falls on in its filtered cumulative distribution."""
     _, cumulative, order = _kept_weights(logits, temperature, top_k, top_p)
-    rng = rng if rng is not None else np.random.default_rng()
-    point = rng.random(len(cumulative))[:, None] * cumulative[:, -1:]
+    point = uniforms[:, None] * cumulative[:, -1:]
     # Past the kept symbols the total stays flat above the point, so they are never reached.
     chosen = np.minimum((cumulative <= point).sum(axis=-1), cumulative.shape[-1] - 1)
     return chosen if order is None else order[np.arange(len(order)), chosen]
 
 
 def _kept_weights(
-    logits: np.ndarray, temperature: float, top_k: int, top_p: float
+    logits: np.ndarray, temperature: Setting, top_k: Setting, top_p: Setting
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """What the filter keeps, unnormalised: the weights exp(logit / temperature) with the
     dropped ones zeroed, their running totals, and the rank order (likeliest first, ties by
-    id) the two are in, or None when nothing is filtered and they stay in id order."""
+    id) the two are in, or None when nothing is filtered and they stay in id order.
+
+    With settings per row, the rows must agree on whether they filter at all (:func:`draw_ids`
+    groups them so); a row that does not use top-k or top-p then skips that step exactly as it
+    does alone. Every operation is a row's own, so a row's result is the same in any company.
+    """
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     weights = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     vocab = weights.shape[-1]
-    if not (0 < top_k < vocab or top_p < 1.0):
+    cut_k = (top_k > 0) & (top_k < vocab)
+    cut_p = top_p < 1.0
+    if not (_some(cut_k) or _some(cut_p)):
         return weights, weights.cumsum(axis=-1), None
     order = np.argsort(-weights, axis=-1, kind="stable")
     weights = weights[np.arange(len(weights))[:, None], order]
-    if 0 < top_k < vocab:
+    if isinstance(top_k, np.ndarray):  # a row without top-k keeps all its ranks
+        weights[np.arange(vocab) >= np.where(cut_k, top_k, vocab)] = 0.0
+    elif cut_k:
         weights[:, top_k:] = 0.0
     cumulative = weights.cumsum(axis=-1)
-    if top_p < 1.0:
+    if _some(cut_p):
         # Kept: up to and including the first symbol whose running total reaches top_p.
-        weights[cumulative - weights >= top_p * cumulative[:, -1:]] = 0.0
+        weights[(cumulative - weights >= top_p * cumulative[:, -1:]) & cut_p] = 0.0
         cumulative = weights.cumsum(axis=-1)
     return weights, cumulative, order
+
+
+def _same(values: np.ndarray) -> bool:
+    return bool((values == values[0]).all())
+
+
+def _some(flags: bool | np.ndarray) -> bool:
+    """Whether any row's flag is set (a plain bool stands for every row)."""
+    return bool(flags.any()) if isinstance(flags, np.ndarray) else bool(flags)
 
 
 def generate_ids(
@@ -97,27 +198,26 @@ def generate_ids(
     """Yield ``length`` arrays of ``num_samples`` new ids (int64) each, one step at a time.
 
     The prompt (1-D ids) is read in one forward pass; after that each new character costs one
-    recurrent step with the state carried, never a re-run of the sequence. ``fast`` steps a
+    recurrent step with the state carried, never a re-run of the sequence. Sample i draws from
+    :func:`sample_rng` ``(seed, i)``, so it is the same in a batch of any size. ``fast`` steps a
     CPU model through :class:`NumpyStepper`; ``fast=False`` calls the module every step (the
     reference the fast path is tested against, and the path on GPUs).
     """
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    rng = np.random.default_rng(seed)  # None: fresh entropy from the operating system
+    rngs = [sample_rng(seed, i) for i in range(num_samples)]
     try:
         # Inference mode around the calls into torch only: entered on every resumption of this
         # generator, it would cost a CPU character a tenth of its time.
         with torch.inference_mode():
-            logits, state = _read_prompt(net, prompt.to(device=device, dtype=torch.long))
+            logits, state = read_prompt(net, prompt.to(device=device, dtype=torch.long))
+        step = make_stepper(net, num_samples, fast)
         # Every sample reads the same prompt: read once, its state is copied to each of them.
-        logits = logits.expand(num_samples, -1, -1)
-        state = tuple(s.expand(-1, num_samples, -1).contiguous() for s in state)
-        stepper_class = NumpyStepper if fast and device.type == "cpu" else ModuleStepper
-        step = stepper_class(net, state)
-        last = _array(logits[:, -1])
+        step.load(slice(0, num_samples), state)
+        last = np.repeat(_array(logits[:, -1]), num_samples, axis=0)
         for position in range(length):
-            ids = next_ids(last, temperature, top_k, top_p, rng)
+            ids = next_ids(last, temperature, top_k, top_p, rngs)
             yield ids
             if position + 1 < length:
                 last = step(ids)
@@ -125,10 +225,10 @@ def generate_ids(
         net.train(was_training)
 
 
-def _read_prompt(net: CharRNN, prompt: torch.Tensor) -> tuple[torch.Tensor, State]:
-    """The logits after the last character of a 1-D prompt (1, 1, V) and the state there. A
-    long prompt is read in pieces, the state carried, so its logits never take more than
-    MAX_LOGITS numbers."""
+def read_prompt(net: CharRNN, prompt: torch.Tensor) -> tuple[torch.Tensor, State]:
+    """The logits after the last character of a 1-D prompt (1, 1, V) and the state there
+    (batch 1, whatever else is being generated). A long prompt is read in pieces, the state
+    carried, so its logits never take more than MAX_LOGITS numbers. Call it in inference mode."""
     piece = max(1, MAX_LOGITS // net.vocab_size)
     state = None
     for start in range(0, len(prompt), piece):
@@ -138,80 +238,136 @@ def _read_prompt(net: CharRNN, prompt: torch.Tensor) -> tuple[torch.Tensor, Stat
     return logits[:, -1:], state
 
 
-class ModuleStepper:
-    """One step by calling the module with the carried state; works on any device."""
+def make_stepper(net: CharRNN, rows: int, fast: bool = True) -> NumpyStepper | ModuleStepper:
+    """A stepper for ``rows`` sequences of ``net`` (in eval mode): :class:`NumpyStepper` for a
+    CPU model when ``fast``, else :class:`ModuleStepper`."""
+    device = next(net.parameters()).device
+    return NumpyStepper(net, rows) if fast and device.type == "cpu" else ModuleStepper(net, rows)
 
-    def __init__(self, net: CharRNN, state: State) -> None:
-        self.net, self.state = net, state
-        self.device = next(net.parameters()).device
+
+class ModuleStepper:
+    """Steps by calling the module once per block of ``MODULE_BLOCK_ROWS`` rows, the state of
+    every row carried in one tensor per part; works on any device.
+
+    Like :class:`NumpyStepper`: rows 0..n-1 are stepped by a call with n ids, their state is
+    set by :meth:`load` and moved by :meth:`move`.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, net: CharRNN, rows: int) -> None:
+        self.net = net
+        padded = -(-rows // MODULE_BLOCK_ROWS) * MODULE_BLOCK_ROWS
+        self.state = net.initial_state(padded)  # each part (L, rows, H)
+        # Rows past the last sequence of a block read id 0: any valid id will do.
+        self.ids = torch.zeros(padded, dtype=torch.long, device=self.state[0].device)
+
+    @torch.inference_mode()
+    def load(self, rows: slice, state: State) -> None:
+        """Set ``rows`` to one sequence's state (each part (L, 1, H), as read_prompt gives)."""
+        for part, value in zip(self.state, state, strict=True):
+            part[:, rows] = value
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Copy row ``source``'s state to row ``target``."""
+        for part in self.state:
+            part[:, target] = part[:, source]
 
     @torch.inference_mode()
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """(N,) ids in, (N, V) float32 logits of the next character out."""
-        x = torch.from_numpy(ids).to(self.device).unsqueeze(1)
-        logits, self.state = self.net(x, self.state)
-        return _array(logits[:, -1])
+        """(n,) ids of rows 0..n-1 in, (n, V) float32 logits of their next character out."""
+        rows, block = len(ids), MODULE_BLOCK_ROWS
+        self.ids[:rows] = torch.from_numpy(ids)
+        logits = []
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            x = self.ids[part].unsqueeze(1)
+            out, new = self.net(x, tuple(s[:, part] for s in self.state))
+            for s, n in zip(self.state, new, strict=True):
+                s[:, part] = n
+            logits.append(out[:, -1])
+        return _array(torch.cat(logits))[:rows]
 
 
 class NumpyStepper:
     """A CPU CharRNN advanced one character at a time in numpy, from its weights.
 
-    Every layer's h lies side by side in one buffer, ``hidden`` (N, L * H), so layer l > 0
-    reads [its input | its own h] as one contiguous column range and, for an LSTM or vanilla
-    RNN, computes its gates in one product with the stacked weights; the head reads its input
-    from the same buffer. Layer 0's input is folded into a lookup table (embedding times input
-    weights plus biases), the LSTM gates are reordered and scaled so one tanh covers all four,
-    and the states are updated in place. At batch 1 the calls, not the arithmetic, are what a
-    step costs.
+    Each row's products are matrix-vector products of that row alone (see the module
+    docstring), through one stacked ``matmul`` per product. Every layer's h lies side by side
+    in one buffer, ``hidden`` (N, L * H), so layer l > 0 reads [its input | its own h] as one
+    contiguous column range and, for an LSTM or vanilla RNN, computes its gates in one product
+    with the stacked weights; the head reads its input from the same buffer. Layer 0's input is
+    folded into a lookup table (embedding times input weights plus biases), the LSTM gates are
+    reordered and scaled so one tanh covers all four, and the states are updated in place. At
+    batch 1 the calls, not the arithmetic, are what a step costs.
     """
 
-    def __init__(self, net: CharRNN, state: State) -> None:
-        config, rnn = net.config, net.rnn
+    def __init__(self, net: CharRNN, rows: int) -> None:
+        config = net.config
         self.cell, self.size = config.cell, config.hidden_dim
-        h, *c = (_array(s) for s in state)  # (n_layers, N, H): h, and c for LSTM
-        self.cells = [layer.copy() for layer in c[0]] if c else []
-        self.hidden = np.concatenate(list(h), axis=1)  # (N, L * H)
-        rows = len(self.hidden)
-        self.layers = []
-        for layer in range(config.n_layers):
-            w_ih, w_hh, b_ih, b_hh = (
-                _gate_order(_array(getattr(rnn, f"{name}_l{layer}")), self.cell, self.size)
-                for name in WEIGHT_NAMES
-            )
-            # Layer 0's input product becomes a lookup table: one row per input id.
-            w_ih = _array(net.embed.weight) @ w_ih.T + b_ih if layer == 0 else w_ih.T
-            b_ih = np.zeros_like(b_ih) if layer == 0 else b_ih
-            if self.cell == "gru":  # the reset gate scales the recurrent part alone: keep apart
-                weights = (w_ih, b_ih, w_hh.T, b_hh)
-            elif layer == 0:
-                weights = (w_ih + b_hh, None, w_hh.T, None)
-            else:
-                weights = (np.concatenate([w_ih, w_hh.T]), b_ih + b_hh, None, None)
-            w_in, *rest = weights  # layer 0's w_in is a table indexed by rows, not a product
-            w_in = np.ascontiguousarray(w_in) if layer == 0 else _right_operand(w_in, rows)
-            self.layers.append((w_in, *(_right_operand(a, rows) for a in rest)))
+        self.hidden = np.zeros((rows, config.n_layers * self.size), dtype=np.float32)
+        lstm_layers = config.n_layers if self.cell == "lstm" else 0
+        self.cells = np.zeros((lstm_layers, rows, self.size), dtype=np.float32)
+        self.layers = [self._layer(net, layer) for layer in range(config.n_layers)]
         head_weight = _array(net.head.weight).T
-        self.head_input = self.hidden[:, self.hidden.shape[1] - len(head_weight) :]
-        self.head_weight = _right_operand(head_weight, rows)
+        self.head = _Product(self.hidden[:, self.hidden.shape[1] - len(head_weight) :], head_weight)
         self.head_bias = _array(net.head.bias)
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """(N,) ids in, (N, V) float32 logits of the next character out."""
+    def _layer(self, net: CharRNN, layer: int) -> _Layer:
         size = self.size
-        for layer, (w_in, b_in, w_hh, b_hh) in enumerate(self.layers):
-            h = self.hidden[:, layer * size : (layer + 1) * size]
-            # Above layer 0, [input | h] is the previous layer's h and this one's, side by side.
-            joined = self.hidden[:, (layer - 1) * size : (layer + 1) * size] if layer else h
+        w_ih, w_hh, b_ih, b_hh = (
+            _gate_order(_array(getattr(net.rnn, f"{name}_l{layer}")), self.cell, size)
+            for name in WEIGHT_NAMES
+        )
+        h = self.hidden[:, layer * size : (layer + 1) * size]
+        if layer == 0:  # the input product becomes a lookup table: one row per input id
+            table = _array(net.embed.weight) @ w_ih.T + b_ih
+            if self.cell == "gru":  # the reset gate scales the recurrent part alone: keep apart
+                return _Layer(table=table, recurrent=_Product(h, w_hh.T), recurrent_bias=b_hh)
+            return _Layer(table=table + b_hh, recurrent=_Product(h, w_hh.T))
+        if self.cell == "gru":
+            below = self.hidden[:, (layer - 1) * size : layer * size]
+            return _Layer(
+                inputs=_Product(below, w_ih.T),
+                input_bias=b_ih,
+                recurrent=_Product(h, w_hh.T),
+                recurrent_bias=b_hh,
+            )
+        # [input | h] lie side by side in the buffer: one product with the weights stacked.
+        joined = self.hidden[:, (layer - 1) * size : (layer + 1) * size]
+        stacked = np.concatenate([w_ih.T, w_hh.T])
+        return _Layer(inputs=_Product(joined, stacked), input_bias=b_ih + b_hh)
+
+    def load(self, rows: slice, state: State) -> None:
+        """Set ``rows`` to one sequence's state (each part (L, 1, H), as read_prompt gives)."""
+        h, *c = (_array(s) for s in state)
+        self.hidden[rows] = np.concatenate(list(h), axis=1)
+        if c:
+            self.cells[:, rows] = c[0]
+
+    def move(self, source: int, target: int) -> None:
+        """Copy row ``source``'s state to row ``target``."""
+        self.hidden[target] = self.hidden[source]
+        self.cells[:, target] = self.cells[:, source]
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) ids of rows 0..n-1 in, (n, V) float32 logits of their next character out."""
+        rows, size = len(ids), self.size
+        for layer, step in enumerate(self.layers):
+            h = self.hidden[:rows, layer * size : (layer + 1) * size]
+            if step.table is not None:
+                inputs = step.table[ids]
+            else:
+                inputs = step.inputs(rows) + step.input_bias
             if self.cell == "gru":
-                inputs = w_in[ids] if layer == 0 else joined[:, :size] @ w_in + b_in
-                h[...] = _gru(inputs, h @ w_hh + b_hh, h, size)
+                h[...] = _gru(inputs, step.recurrent(rows) + step.recurrent_bias, h, size)
                 continue
-            gates = w_in[ids] + h @ w_hh if layer == 0 else joined @ w_in + b_in
+            gates = inputs + step.recurrent(rows) if step.recurrent else inputs
             if self.cell == "lstm":
-                self._lstm(self.cells[layer], gates, h)
+                self._lstm(self.cells[layer, :rows], gates, h)
             else:
                 np.tanh(gates, out=h)
-        return self.head_input @ self.head_weight + self.head_bias
+        return self.head(rows) + self.head_bias
 
     def _lstm(self, c: np.ndarray, gates: np.ndarray, h: np.ndarray) -> None:
         """Advance the cell state ``c`` and write the new h into ``h``, both in place."""
@@ -226,14 +382,36 @@ class NumpyStepper:
         np.multiply(ifo[:, 2 * size :], np.tanh(c), out=h)
 
 
-def _right_operand(matrix: np.ndarray | None, batch: int) -> np.ndarray | None:
-    """``matrix`` (in, out) laid out for ``x @ matrix`` at this batch size. A single row makes
-    the product a matrix-vector one, which BLAS spreads over threads by output only when the
-    weights are stored output-major (2x faster on 2 cores for 512 x 1024); more rows prefer
-    the input-major layout."""
-    if matrix is None:
-        return None
-    return np.ascontiguousarray(matrix.T).T if batch == 1 else np.ascontiguousarray(matrix)
+class _Product:
+    """``x @ weight`` for the first rows of ``x`` (N, K), a view read afresh on every call, into
+    a buffer kept for the result (which the next call overwrites).
+
+    The rows are a stack of (1, K) matrices, so ``matmul`` calls BLAS's matrix-vector product
+    once per row with the same arguments whatever the number of rows: a row's result cannot
+    depend on the others. The weights are stored output-major, the layout in which BLAS splits
+    a matrix-vector product across cores by output (2x faster on 2 cores for 512 x 1024).
+    """
+
+    def __init__(self, x: np.ndarray, weight: np.ndarray) -> None:
+        self.x = x[:, None, :]
+        self.weight = np.asfortranarray(weight)
+        self.out = np.empty((len(x), 1, weight.shape[1]), dtype=np.float32)
+
+    def __call__(self, rows: int) -> np.ndarray:
+        """The products of rows 0..rows-1, (rows, N)."""
+        return np.matmul(self.x[:rows], self.weight, out=self.out[:rows])[:, 0]
+
+
+@dataclass
+class _Layer:
+    """One layer's step: its input term from a lookup table (layer 0) or a product of the layer
+    below, its recurrent product if apart, and the biases to add to each."""
+
+    table: np.ndarray | None = None
+    inputs: _Product | None = None
+    input_bias: np.ndarray | None = None
+    recurrent: _Product | None = None
+    recurrent_bias: np.ndarray | None = None
 
 
 def _gate_order(weights: np.ndarray, cell: str, size: int) -> np.ndarray:
@@ -248,9 +426,9 @@ def _gate_order(weights: np.ndarray, cell: str, size: int) -> np.ndarray:
 
 def _gru(inputs: np.ndarray, recurrent: np.ndarray, h: np.ndarray, size: int) -> np.ndarray:
     # PyTorch's GRU: reset and update gates, then a candidate whose recurrent part r scales.
-    r_z = _sigmoid(inputs[:, : 2 * size] + recurrent[:, : 2 * size])
-    n = np.tanh(inputs[:, 2 * size :] + r_z[:, :size] * recurrent[:, 2 * size :])
-    return n + r_z[:, size:] * (h - n)
+    r_z = _sigmoid(inputs[..., : 2 * size] + recurrent[..., : 2 * size])
+    n = np.tanh(inputs[..., 2 * size :] + r_z[..., :size] * recurrent[..., 2 * size :])
+    return n + r_z[..., size:] * (h - n)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
