@@ -118,6 +118,7 @@ def test_requests_that_join_mid_run_and_leave_give_their_text_alone(model):
     assert engine.running == 0
 
 
+@pytest.mark.slow
 def test_the_command_prints_what_the_engine_gives(model, trained_run, isolated_data_dir, tmp_path):
     picked = [
         request(model, "ROMEO:", 80, temperature=0.9, top_k=8, top_p=0.95, seed=11),
@@ -133,6 +134,7 @@ def test_the_command_prints_what_the_engine_gives(model, trained_run, isolated_d
         assert cli_sample(trained_run, isolated_data_dir, tmp_path, model, r) == text + "\n"
 
 
+@pytest.mark.slow
 def test_sample_i_of_n_is_the_commands_sample_i(model, trained_run, isolated_data_dir, tmp_path):
     base = request(model, "KING", 40, temperature=1.0, top_k=0, top_p=0.9, seed=5)
     samples = [dataclasses.replace(base, index=i) for i in range(4)]

@@ -36,11 +36,14 @@ def find_browser() -> str | None:
 
 
 BROWSER = find_browser()
-pytestmark = pytest.mark.skipif(
-    BROWSER is None,
-    reason="no Chromium or Chrome on this machine (install the chromium package, or set "
-    "CHARLSTM_CHROMIUM to a browser binary)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        BROWSER is None,
+        reason="no Chromium or Chrome on this machine (install the chromium package, or set "
+        "CHARLSTM_CHROMIUM to a browser binary)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

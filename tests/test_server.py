@@ -159,6 +159,7 @@ def streamed_texts(events: list[dict[str, Any] | str]) -> tuple[dict[int, str], 
 # ---- what a request returns -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_characters_equal_charlstm_sample(
     server: Server, trained_run: Path, session_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -187,6 +188,7 @@ def test_streamed_characters_equal_charlstm_sample(
     assert whole.usage.total_tokens == 206
 
 
+@pytest.mark.slow
 def test_defaults_are_charlstm_samples(server: Server, model: charlstm.CharLM) -> None:
     """No settings but the seed: 500 characters from a newline at temperature 0.8."""
     answer = server.post({"model": "tiny", "seed": 3}).json()
@@ -197,6 +199,7 @@ def test_defaults_are_charlstm_samples(server: Server, model: charlstm.CharLM) -
     assert again["choices"] == answer["choices"]
 
 
+@pytest.mark.slow
 def test_settings_reach_the_sampler(server: Server, model: charlstm.CharLM) -> None:
     settings = {"temperature": 1.3, "top_k": 5, "top_p": 0.9, "seed": 11}
     answer = server.post({"model": "tiny", "prompt": "JULIET:", "max_tokens": 120, **settings})
@@ -210,6 +213,7 @@ def test_settings_reach_the_sampler(server: Server, model: charlstm.CharLM) -> N
     assert greedy.json()["choices"][0]["text"] == model.generate("A", 50, temperature=0)
 
 
+@pytest.mark.slow
 def test_echo(server: Server, model: charlstm.CharLM) -> None:
     body = {"model": "tiny", "prompt": ROMEO, "max_tokens": 40, "seed": 1, "echo": True}
     expected = ROMEO + model.generate(ROMEO, 40, seed=1)
@@ -222,6 +226,7 @@ def test_echo(server: Server, model: charlstm.CharLM) -> None:
     assert streamed_texts(events)[0][0] == expected
 
 
+@pytest.mark.slow
 def test_stop(server: Server, model: charlstm.CharLM) -> None:
     free = model.generate(ROMEO, 300, seed=5)
     stop = free[100:102]
@@ -237,6 +242,7 @@ def test_stop(server: Server, model: charlstm.CharLM) -> None:
     assert (texts[0], reasons[0]) == (free[:cut], "stop")
 
 
+@pytest.mark.slow
 def test_n_choices_are_the_samples_of_one_seed(server: Server, model: charlstm.CharLM) -> None:
     """Choice i is sample i of `charlstm sample --num-samples n --seed S`, streamed or not."""
     expected = model.generate_batch(3, ROMEO, 80, seed=9)
@@ -252,6 +258,7 @@ def test_n_choices_are_the_samples_of_one_seed(server: Server, model: charlstm.C
     assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
+@pytest.mark.slow
 def test_list_of_prompts(server: Server, model: charlstm.CharLM) -> None:
     body = {"model": "tiny", "prompt": ["KING:", "QUEEN:"], "max_tokens": 50, "seed": 2, "n": 2}
     answer = server.post(body).json()
@@ -262,6 +269,7 @@ def test_list_of_prompts(server: Server, model: charlstm.CharLM) -> None:
     assert answer["usage"] == {"prompt_tokens": 11, "completion_tokens": 200, "total_tokens": 211}
 
 
+@pytest.mark.slow
 def test_stream_usage_when_asked(server: Server) -> None:
     body = {"model": "tiny", "prompt": ROMEO, "max_tokens": 30, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -272,6 +280,7 @@ def test_stream_usage_when_asked(server: Server) -> None:
     assert events[-2]["usage"] == {"prompt_tokens": 6, "completion_tokens": 30, "total_tokens": 36}
 
 
+@pytest.mark.slow
 def test_models_and_health(server: Server, model: charlstm.CharLM) -> None:
     listed = server.client().models.list().data
     assert [m.id for m in listed] == ["tiny"]
@@ -285,6 +294,7 @@ def test_models_and_health(server: Server, model: charlstm.CharLM) -> None:
     assert server.health()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_unknown_model_is_404(server: Server) -> None:
     with pytest.raises(openai.NotFoundError) as raised:
         server.client().completions.create(model="gpt-4", prompt="hi", max_tokens=5)
@@ -331,6 +341,7 @@ BAD_FIELDS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "field"), BAD_FIELDS, ids=[f for _, f in BAD_FIELDS])
 def test_bad_field_is_400_naming_it(server: Server, change: dict, field: str) -> None:
     body = {"model": "tiny", "prompt": ROMEO, "max_tokens": 10, **change}
@@ -344,6 +355,7 @@ def test_bad_field_is_400_naming_it(server: Server, change: dict, field: str) ->
     assert "\n" not in error["message"] and "Traceback" not in error["message"]
 
 
+@pytest.mark.slow
 def test_unknown_prompt_characters_are_named(server: Server) -> None:
     response = server.post({"model": "tiny", "prompt": "snow ☃ and ☂", "max_tokens": 5})
     assert response.status_code == 400
@@ -352,6 +364,7 @@ def test_unknown_prompt_characters_are_named(server: Server) -> None:
     assert "☃" in error["message"] and "☂" in error["message"]
 
 
+@pytest.mark.slow
 def test_a_body_that_is_not_json(server: Server) -> None:
     url = f"{server.api}/completions"
     for content, kind in (("{not json", "application/json"), ("[1, 2]", "application/json"),
@@ -361,6 +374,7 @@ def test_a_body_that_is_not_json(server: Server) -> None:
         assert response.json()["error"]["param"] == "body"
 
 
+@pytest.mark.slow
 def test_the_openai_client_raises_bad_request(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         server.client().completions.create(model="tiny", prompt=ROMEO, max_tokens=5, top_p=2)
@@ -378,6 +392,7 @@ FILE_PROBES = (
 )
 
 
+@pytest.mark.slow
 def test_no_request_reads_files(server: Server, trained_run: Path) -> None:
     """Only the fixed routes answer: nothing maps a URL to a file."""
     assert (trained_run / "curves.png").is_file()
@@ -390,6 +405,7 @@ def test_no_request_reads_files(server: Server, trained_run: Path) -> None:
         assert response.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.slow
 def test_playground_page_is_served(server: Server) -> None:
     page = httpx.get(f"{server.url}/", timeout=60)
     assert page.headers["content-type"].startswith("text/html")
@@ -403,6 +419,7 @@ def test_playground_page_is_served(server: Server) -> None:
 # ---- a full server, clients that leave, a server that stops ---------------------------------
 
 
+@pytest.mark.slow
 def test_full_server_answers_429(one_slot: Server) -> None:
     body = {"model": "tiny", "prompt": ROMEO, "max_tokens": 1_000_000, "stream": True}
     with httpx.stream(
@@ -419,6 +436,7 @@ def test_full_server_answers_429(one_slot: Server) -> None:
     assert one_slot.post({"model": "tiny", "prompt": ROMEO, "max_tokens": 5}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_cancels_its_sequence(one_slot: Server) -> None:
     body = {"model": "tiny", "prompt": ROMEO, "max_tokens": 1_000_000}
     with pytest.raises(httpx.ReadTimeout):
@@ -427,6 +445,7 @@ def test_a_client_that_leaves_cancels_its_sequence(one_slot: Server) -> None:
     assert one_slot.post({"model": "tiny", "prompt": ROMEO, "max_tokens": 5}).status_code == 200
 
 
+@pytest.mark.slow
 def test_skipped_unknown_characters(one_slot: Server, model: charlstm.CharLM) -> None:
     body = {"model": "tiny", "prompt": "RO☃MEO:", "max_tokens": 30, "seed": 4, "echo": True}
     text = one_slot.post(body).json()["choices"][0]["text"]
@@ -441,6 +460,7 @@ def wait_idle(server: Server, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_143(trained_run: Path, session_data_dir: Path) -> None:
     server = Server(
         trained_run, session_data_dir, "--max-tokens", "1000000", "--drain-timeout", "1"
@@ -496,6 +516,7 @@ def identity_requests(count: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_64_concurrent_streams_each_get_their_alone_output(
     server: Server, model: charlstm.CharLM
 ) -> None:
@@ -529,6 +550,7 @@ def test_64_concurrent_streams_each_get_their_alone_output(
 # ---- the command ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_limits_defaults_match_the_command() -> None:
     from charlstm.cli import SERVE_DEFAULTS
     from charlstm.server import ServeLimits
@@ -570,11 +592,13 @@ def test_bad_flags_are_one_line_before_torch_loads(
     assert check.stderr.splitlines()[-1] == "torch loaded: False"
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line(session_data_dir: Path, tmp_path: Path) -> None:
     result = run_cli(["serve", tmp_path / "nothing", "--port", "0"], session_data_dir, tmp_path)
     refused(result, "does not exist")
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_one_line(
     trained_run: Path, session_data_dir: Path, tmp_path: Path
 ) -> None:
