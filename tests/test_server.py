@@ -177,7 +177,7 @@ def test_streamed_characters_equal_charlstm_sample(
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert all(c.object == "text_completion" and c.model == "tiny" for c in chunks)
-    assert len(chunks) >= 2  # text chunks, then the one that ends the choice (a slow reader may get the text in one)
+    assert len(chunks) >= 2  # text, then the chunk that ends the choice (a slow reader: one)
     assert chunks[-1].choices[0].finish_reason == "length"
 
     whole = client.completions.create(model="tiny", prompt=ROMEO, max_tokens=200, seed=7)
