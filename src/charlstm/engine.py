@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -353,6 +354,10 @@ class Engine:
             place = self._leave(row, reason, text, wakers)
             ids[place] = ids[len(self._rows)]  # the row moved here continues from its own id
         _wake_all(wakers)
+        # Let the readers (and the server's event loop) run now: otherwise this thread keeps
+        # the GIL for up to the switch interval, 5 ms, hundreds of a small model's characters,
+        # and what should stream a character at a time arrives in lumps.
+        time.sleep(0)
         if self._rows:
             self._logits[: len(self._rows)] = self._step(ids[: len(self._rows)])
 
