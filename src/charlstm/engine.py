@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from charlstm.lm import CharLM, piece_decoder
 from charlstm.sample import draw_ids, make_stepper, read_prompt, sample_rng
 
 LENGTH, STOP, ABORT = "length", "stop", "abort"
+# Seconds between the loop's hand-overs of the GIL to the readers' threads (see _advance).
+YIELD_EVERY = 0.001
 
 
 class EngineFull(CharLSTMError):
@@ -225,6 +228,7 @@ class Engine:
         self._held = 0  # running and waiting
         self._closing = self._drain = False
         self._failed = False
+        self._yielded = 0.0  # when the loop last let other threads have the GIL
         self._thread = threading.Thread(target=self._run, name="charlstm-engine", daemon=True)
 
     @property
@@ -353,6 +357,14 @@ class Engine:
             place = self._leave(row, reason, text, wakers)
             ids[place] = ids[len(self._rows)]  # the row moved here continues from its own id
         _wake_all(wakers)
+        now = time.perf_counter()
+        if now - self._yielded >= YIELD_EVERY:
+            # Let the readers (and the server's event loop) run: otherwise this thread keeps
+            # the GIL for up to the switch interval, 5 ms, hundreds of a small model's
+            # characters, and what should stream arrives in lumps. Not after every step: each
+            # hand-over costs a single request a third of its speed.
+            time.sleep(0)
+            self._yielded = now
         if self._rows:
             self._logits[: len(self._rows)] = self._step(ids[: len(self._rows)])
 
