@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from conftest import tiny_net as shared_tiny_net
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import charlstm.sample as sample_module
 from charlstm.config import ModelConfig
 from charlstm.model import CharRNN
 from charlstm.sample import (
@@ -440,7 +443,7 @@ def test_fast_stepper_draws_exactly_what_the_module_draws(cell, n_layers, head_i
         assert torch.equal(fast, reference)
 
 
-def test_fast_stepper_logits_match_the_module():
+def test_fast_stepper_logits_match_the_module(products):
     net = tiny_net().eval()
     with torch.no_grad():
         _, state = net(PROMPT.view(1, -1))
@@ -467,9 +470,25 @@ def prompt_state(net: CharRNN, seed: int) -> tuple[np.ndarray, tuple[torch.Tenso
     return logits[0].numpy(), state
 
 
-@pytest.mark.parametrize("stepper_class", [NumpyStepper, ModuleStepper])
+# How NumpyStepper multiplies: each vector path of row_products.c this CPU runs, and BLAS.
+PRODUCTS = [*sample_module._KERNEL_PATHS, "blas"]
+
+
+@pytest.fixture(params=PRODUCTS)
+def products(request, monkeypatch) -> str:
+    """NumpyStepper made to multiply one way: a kernel path alone, or BLAS row by row."""
+    paths = () if request.param == "blas" else (request.param,)
+    monkeypatch.setattr(sample_module, "_KERNEL_PATHS", paths)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    ("stepper_class", "products"),
+    [*((NumpyStepper, path) for path in PRODUCTS), (ModuleStepper, "blas")],
+    indirect=["products"],
+)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_a_row_steps_bit_for_bit_alike_at_any_place_in_any_batch(stepper_class, cell):
+def test_a_row_steps_bit_for_bit_alike_at_any_place_in_any_batch(stepper_class, cell, products):
     """The property batched serving rests on: a row's logits, step after step, are the same
     bits alone as at any place among any number of other rows (whatever they hold)."""
     net = odd_net(cell)
@@ -492,6 +511,39 @@ def test_a_row_steps_bit_for_bit_alike_at_any_place_in_any_batch(stepper_class, 
     reference = run(0, 1)
     for place, rows in [(0, 2), (1, 2), (7, 8), (5, 20), (63, 64), (100, 300), (299, 300)]:
         assert all(np.array_equal(a, b) for a, b in zip(run(place, rows), reference, strict=True))
+
+
+@pytest.mark.skipif(not sample_module._KERNEL_PATHS, reason="row_products.c is not built here")
+def test_row_products_are_a_matrix_product_with_the_same_bits_on_every_path():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((70, 301), dtype=np.float32)[:, :300]  # rows at a stride
+    weight = rng.standard_normal((300, 130), dtype=np.float32)  # columns past a whole panel
+    expected = x.astype(np.float64) @ weight
+    results = []
+    for path in sample_module._KERNEL_PATHS:
+        for split in (False, True):
+            product = sample_module._RowProducts(x, weight, path, split)
+            for rows in (1, 3, 4, 5, 70):  # groups of rows and the rows past the last group
+                results.append(product(rows).copy())
+                np.testing.assert_allclose(results[-1], expected[:rows], rtol=1e-4, atol=1e-4)
+    for got in results:
+        assert np.array_equal(got, results[-1][: len(got)])
+
+
+@pytest.mark.skipif(not sample_module._KERNEL_PATHS, reason="row_products.c is not built here")
+def test_a_forked_child_multiplies_with_its_own_second_thread():
+    script = """
+import os, sys, numpy as np
+from charlstm.sample import _RowProducts
+x, w = np.ones((4, 64), np.float32), np.ones((64, 256), np.float32)
+product = _RowProducts(x, w, split=True)
+assert (product(4) == 64).all()  # the parent's second thread is running
+child = os.fork()
+if child == 0:
+    os._exit(0 if (_RowProducts(x, 2 * w, split=True)(4) == 128).all() else 1)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
 def test_moving_a_row_carries_its_state():

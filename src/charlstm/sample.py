@@ -15,14 +15,11 @@ A sample's characters never depend on what else is generated beside it, which is
   one uniform number per sampled character, whatever the other rows draw.
 - **Products row by row.** BLAS picks its kernels and its split of the work by the shape of a
   product, so row ``i`` of a matrix product ``X @ W`` can come out with other bits when ``X``
-  has another number of rows (measured: 241 mismatched rows over 1 to 64 rows). So
-  :class:`NumpyStepper` never multiplies a matrix of rows: each row's products are
-  matrix-vector products of that row alone, the same BLAS call with the same arguments at
-  batch 1 as at batch 64, which cannot see the other rows. (Products of a fixed number of
-  rows, padded, would also do, but cost more: at 8 rows numpy's BLAS took 4x a matrix-vector
-  product's time, copying the weights on every call, and torch's, 2x in the sampling loop and
-  4x where OpenMP threads sleep between calls, as under the ``charlstm`` command.) Everything
-  else in a step is elementwise or per row.
+  has another number of rows. So :class:`NumpyStepper` multiplies through ``row_products.c``,
+  where every element is one chain of fused multiply-adds in a fixed order whatever the rows
+  beside it (rows are grouped only to share the loads of the weights), or, where that kernel
+  is not built, by one BLAS matrix-vector product per row, the same call at batch 1 as at 64.
+  Everything else in a step is elementwise or per row.
 - **Per-row filtering.** :func:`draw_ids` takes each row's settings and generator and computes
   each row exactly as :func:`next_ids` does for that row alone.
 
@@ -41,6 +38,13 @@ import numpy as np
 import torch
 
 from charlstm.model import MAX_LOGITS, WEIGHT_NAMES, CharRNN, State
+
+try:  # optional: built where a C compiler was at install (see row_products.c)
+    from charlstm import _row_products
+except ImportError:
+    _row_products = None
+# The vector paths of row_products.c this CPU runs, fastest first; none: BLAS, row by row.
+_KERNEL_PATHS: tuple[str, ...] = _row_products.paths() if _row_products is not None else ()
 
 # Rows per module call in ModuleStepper: on an accelerator a call costs its launches, not its
 # rows, and on a CPU that path is the reference the fast one is tested against.
@@ -292,13 +296,13 @@ class ModuleStepper:
 class NumpyStepper:
     """A CPU CharRNN advanced one character at a time in numpy, from its weights.
 
-    Each row's products are matrix-vector products of that row alone (see the module
-    docstring), through one stacked ``matmul`` per product. Every layer's h lies side by side
-    in one buffer, ``hidden`` (N, L * H), so layer l > 0 reads [its input | its own h] as one
-    contiguous column range and, for an LSTM or vanilla RNN, computes its gates in one product
-    with the stacked weights; the head reads its input from the same buffer. Layer 0's input is
-    folded into a lookup table (embedding times input weights plus biases), the LSTM gates are
-    reordered and scaled so one tanh covers all four, and the states are updated in place. At
+    No row's products depend on the other rows (see the module docstring). Every layer's h
+    lies side by side in one buffer, ``hidden`` (N, L * H), so layer l > 0 reads [its input |
+    its own h] as one contiguous column range and, for an LSTM or vanilla RNN, computes its
+    gates in one product with the stacked weights; the head reads its input from the same
+    buffer. Layer 0's input is folded into a lookup table (embedding times input weights plus
+    biases), the LSTM gates are reordered and scaled so one tanh covers all four, and the
+    states are updated in place. At
     batch 1 the calls, not the arithmetic, are what a step costs.
     """
 
@@ -310,7 +314,7 @@ class NumpyStepper:
         self.cells = np.zeros((lstm_layers, rows, self.size), dtype=np.float32)
         self.layers = [self._layer(net, layer) for layer in range(config.n_layers)]
         head_weight = _array(net.head.weight).T
-        self.head = _Product(self.hidden[:, self.hidden.shape[1] - len(head_weight) :], head_weight)
+        self.head = _product(self.hidden[:, self.hidden.shape[1] - len(head_weight) :], head_weight)
         self.head_bias = _array(net.head.bias)
 
     def _layer(self, net: CharRNN, layer: int) -> _Layer:
@@ -321,22 +325,22 @@ class NumpyStepper:
         )
         h = self.hidden[:, layer * size : (layer + 1) * size]
         if layer == 0:  # the input product becomes a lookup table: one row per input id
-            table = _array(net.embed.weight) @ w_ih.T + b_ih
+            table = _matmul(_array(net.embed.weight), w_ih.T) + b_ih
             if self.cell == "gru":  # the reset gate scales the recurrent part alone: keep apart
-                return _Layer(table=table, recurrent=_Product(h, w_hh.T), recurrent_bias=b_hh)
-            return _Layer(table=table + b_hh, recurrent=_Product(h, w_hh.T))
+                return _Layer(table=table, recurrent=_product(h, w_hh.T), recurrent_bias=b_hh)
+            return _Layer(table=table + b_hh, recurrent=_product(h, w_hh.T))
         if self.cell == "gru":
             below = self.hidden[:, (layer - 1) * size : layer * size]
             return _Layer(
-                inputs=_Product(below, w_ih.T),
+                inputs=_product(below, w_ih.T),
                 input_bias=b_ih,
-                recurrent=_Product(h, w_hh.T),
+                recurrent=_product(h, w_hh.T),
                 recurrent_bias=b_hh,
             )
         # [input | h] lie side by side in the buffer: one product with the weights stacked.
         joined = self.hidden[:, (layer - 1) * size : (layer + 1) * size]
         stacked = np.concatenate([w_ih.T, w_hh.T])
-        return _Layer(inputs=_Product(joined, stacked), input_bias=b_ih + b_hh)
+        return _Layer(inputs=_product(joined, stacked), input_bias=b_ih + b_hh)
 
     def load(self, rows: slice, state: State) -> None:
         """Set ``rows`` to one sequence's state (each part (L, 1, H), as read_prompt gives)."""
@@ -382,15 +386,67 @@ class NumpyStepper:
         np.multiply(ifo[:, 2 * size :], np.tanh(c), out=h)
 
 
-class _Product:
-    """``x @ weight`` for the first rows of ``x`` (N, K), a view read afresh on every call, into
-    a buffer kept for the result (which the next call overwrites).
+def _product(x: np.ndarray, weight: np.ndarray) -> _RowProducts | _MatrixVectorProducts:
+    """``x @ weight`` for the first rows of ``x`` (N, K), a view read afresh on every call, in
+    which no row's result depends on the other rows: the kernel of ``row_products.c`` where
+    this CPU runs it, else one BLAS matrix-vector product per row."""
+    if _KERNEL_PATHS:
+        return _RowProducts(x, weight)
+    return _MatrixVectorProducts(x, weight)
 
-    The rows are a stack of (1, K) matrices, so ``matmul`` calls BLAS's matrix-vector product
-    once per row with the same arguments whatever the number of rows: a row's result cannot
-    depend on the others. The weights are stored output-major, the layout in which BLAS splits
-    a matrix-vector product across cores by output (2x faster on 2 cores for 512 x 1024).
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b``, through the kernel where it runs: numpy's BLAS threads spin for a while
+    after a call and would take the core the kernel's second thread needs."""
+    if _KERNEL_PATHS:
+        return _RowProducts(a, b)(len(a)).copy()
+    return a @ b
+
+
+class _RowProducts:
+    """The products through ``row_products.c``, whose rows share each load of the weights.
+
+    The weights are packed once into 64-column panels (zero columns pad the last); the result
+    lands in a buffer kept for it, which the next call overwrites. ``path`` picks the kernel's
+    vector path (default: the fastest) and ``split`` whether a second thread takes half the
+    panels (default: when torch may use more than one thread); neither changes a bit.
     """
+
+    def __init__(
+        self, x: np.ndarray, weight: np.ndarray, path: str = "", split: bool | None = None
+    ) -> None:
+        if x.dtype != np.float32 or x.strides[1] != x.itemsize:
+            raise ValueError("row products read float32 rows with contiguous columns")
+        depth, self.columns = weight.shape
+        panel = _row_products.PANEL
+        padded = -(-self.columns // panel) * panel
+        wide = np.zeros((depth, padded), dtype=np.float32)
+        wide[:, : self.columns] = weight
+        self.packed = np.ascontiguousarray(wide.reshape(depth, -1, panel).transpose(1, 0, 2))
+        self.x = x  # kept alive: the kernel reads it by address
+        self.out = np.empty((len(x), padded), dtype=np.float32)
+        stride = x.strides[0] // x.itemsize
+        extent = ((len(x) - 1) * stride + depth) * x.itemsize
+        self.arguments = (
+            (x.ctypes.data, stride, extent),
+            (depth, self.packed.ctypes.data, self.packed.nbytes, padded),
+            (self.out.ctypes.data, padded, self.out.nbytes),
+            torch.get_num_threads() > 1 if split is None else split,  # with a second thread?
+            path or _KERNEL_PATHS[0],
+        )
+
+    def __call__(self, rows: int) -> np.ndarray:
+        """The products of rows 0..rows-1, (rows, N)."""
+        x, weights, out, *options = self.arguments
+        _row_products.products(*x, rows, *weights, *out, *options)
+        return self.out[:rows, : self.columns]
+
+
+class _MatrixVectorProducts:
+    """The products as a stack of (1, K) matrices: ``matmul`` calls BLAS's matrix-vector
+    product once per row with the same arguments whatever the number of rows. The weights are
+    stored output-major, the layout in which BLAS splits a matrix-vector product across cores
+    by output."""
 
     def __init__(self, x: np.ndarray, weight: np.ndarray) -> None:
         self.x = x[:, None, :]
@@ -408,9 +464,9 @@ class _Layer:
     below, its recurrent product if apart, and the biases to add to each."""
 
     table: np.ndarray | None = None
-    inputs: _Product | None = None
+    inputs: _RowProducts | _MatrixVectorProducts | None = None
     input_bias: np.ndarray | None = None
-    recurrent: _Product | None = None
+    recurrent: _RowProducts | _MatrixVectorProducts | None = None
     recurrent_bias: np.ndarray | None = None
 
 
