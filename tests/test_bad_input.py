@@ -114,6 +114,7 @@ def test_resume_with_overwrite_is_refused_and_the_run_is_left_alone(isolated_dat
 # ---- inspect reads what it needs, from regular files only -----------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["/dev/zero", "fifo"])
 def test_inspect_refuses_a_device_or_a_fifo_at_once(isolated_data_dir, tmp_path, source):
     """/dev/zero would be read without end and a FIFO would wait for a writer for ever."""
@@ -177,6 +178,7 @@ def test_a_full_disk_for_the_encoded_cache_is_one_line_or_none(tmp_path, monkeyp
 # ---- memory ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_model_too_large_for_memory_is_refused_at_once(corpus, isolated_data_dir, tmp_path):
     """Counted before anything is built: a billion hidden units would take minutes to fail."""
     out = tmp_path / "run"

@@ -104,6 +104,7 @@ def test_periodic_evaluations_score_one_fixed_prefix_and_the_best_model_is_score
     assert not result.warnings
 
 
+@pytest.mark.slow
 def test_a_run_the_budget_stops_after_a_handful_of_steps_is_warned_about(help_topics, tmp_path):
     out = tmp_path / "run"
     charlstm.train(tiny_config(help_topics, out, max_steps=10, eval_every=5), progress=False)

@@ -693,6 +693,7 @@ def _edited(data: bytes, edit: tuple) -> bytes:
     return data + edit[1]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(FILES), edit=EDITS)
 def test_any_changed_byte_loads_identically_or_is_one_error(pristine, tmp_path_factory, name, edit):

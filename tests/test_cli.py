@@ -115,6 +115,7 @@ def test_train_reports_progress_and_prints_a_sample(shakespeare_200k, isolated_d
                      r"val \d\.\d{3} bpc \| \d+s in all$", result.stderr, re.M)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_quiet_prints_only_the_closing_line_and_the_sample(
     small_corpus, isolated_data_dir, tmp_path
 ):
@@ -164,6 +165,7 @@ def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
     assert (saved["config"]["model"]["n_layers"], saved["config"]["model"]["hidden_dim"]) == (2, 48)
 
 
+@pytest.mark.slow
 def test_train_on_a_text_without_newlines_still_prints_its_sample(
     shakespeare_200k, isolated_data_dir, tmp_path
 ):

@@ -67,10 +67,12 @@ def test_idle_openmp_threads_of_a_command_sleep_instead_of_spinning(trained_run)
         assert "GOMP_SPINCOUNT = '0'" in settings
 
 
+@pytest.mark.slow
 def test_a_wait_policy_the_user_set_is_kept(trained_run):
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in openmp_settings("ACTIVE", trained_run)
 
 
+@pytest.mark.slow
 def test_importing_charlstm_leaves_the_process_settings_alone():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     command = [

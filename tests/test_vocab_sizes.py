@@ -118,6 +118,7 @@ def test_encoded_cache_and_batches_keep_every_id(corpus_file, monkeypatch):
     assert batch.inputs.min() >= 0 and batch.targets.max() < size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=NEEDS_KERNEL)])
 def test_train_evaluate_sample_save_and_reload(corpus_file, tmp_path, precision):
     """A few steps of training through charlstm.train (bf16: the fused kernel), then every use
