@@ -13,6 +13,7 @@ Python API::
     charlstm.plot_runs(["runs/a", "runs/b"], "curves.png")  # loss curves, overlaid
     table = charlstm.compare(config, cells=("rnn", "gru", "lstm"), time_budget="10m").table()
     found = charlstm.inspect(model, text)  # units correlated with properties of the text
+    charlstm.export(model, "model.onnx")  # an ONNX step model, for ONNX Runtime and others
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _EXPORTS = {
     ),
     "charlstm.errors": ("CharLSTMError",),
     "charlstm.evaluation": ("EvalResult",),
+    "charlstm.exporting": ("export",),
     "charlstm.interpret": ("Inspection", "inspect"),
     "charlstm.lm": ("CharLM",),
     "charlstm.model": ("CharRNN",),
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     )
     from charlstm.errors import CharLSTMError
     from charlstm.evaluation import EvalResult
+    from charlstm.exporting import export
     from charlstm.interpret import Inspection, inspect
     from charlstm.lm import CharLM
     from charlstm.model import CharRNN
@@ -119,6 +122,7 @@ __all__ = [
     "choose_preset",
     "compare",
     "evaluate",
+    "export",
     "inspect",
     "load",
     "measure_speed",

@@ -1,4 +1,4 @@
-"""The ``charlstm`` command: train, sample, eval, serve, plot, compare and inspect.
+"""The ``charlstm`` command: train, sample, eval, serve, plot, compare, inspect and export.
 
 Flags are generated from the configuration dataclasses, so the CLI, config files and
 checkpoints cannot drift apart. This is the only module that turns errors into exit codes.
@@ -25,7 +25,9 @@ from charlstm.config import (
     CELLS,
     COMPARE_BUDGET,
     COMPARE_CELLS,
+    EXPORT_FORMATS,
     INSPECT_MAX_CHARS,
+    ONNX_OPSET,
     UNKNOWN_POLICIES,
     DynamicEvalConfig,
     RunConfig,
@@ -59,6 +61,7 @@ _SMALLER = {
     "inspect": "use a smaller --max-chars",
     "serve": "use a smaller --max-sequences or --max-prompt",
     "plot": "plot fewer runs at once",
+    "export": "export on a machine with more memory",
 }
 
 
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="charlstm",
         description="Character-level LSTM / GRU / RNN language models: train, sample, eval, "
-        "serve, plot, compare, inspect.",
+        "serve, plot, compare, inspect, export.",
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = _add_serve_command(commands)
     analysis_cmds = _add_analysis_commands(commands)  # plot, compare, inspect
-    for sub in (train_cmd, sample_cmd, eval_cmd, serve_cmd, *analysis_cmds):
+    export_cmd = _add_export_command(commands)
+    for sub in (train_cmd, sample_cmd, eval_cmd, serve_cmd, *analysis_cmds, export_cmd):
         sub.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -170,7 +174,7 @@ def _main(argv: Sequence[str] | None) -> int:
     sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         handlers = {"train": _train, "sample": _sample, "eval": _eval, "serve": _serve}
-        handlers.update(plot=_plot, compare=_compare, inspect=_inspect)
+        handlers.update(plot=_plot, compare=_compare, inspect=_inspect, export=_export)
         code = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe must show up here, not in Python's flush at exit
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
@@ -525,6 +529,41 @@ def _inspect(args: argparse.Namespace) -> int:
     png = result.write_png(args.png, units=args.units)
     print(result.report(args.top))
     print(f"wrote {html} and {png}", file=sys.stderr)
+    return 0
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def _add_export_command(commands: Any) -> argparse.ArgumentParser:
+    """The export subcommand: a checkpoint, the format and the file to write."""
+    export_cmd = commands.add_parser(
+        "export",
+        help="write a model for other runtimes: an ONNX step model",
+        description="Write a checkpoint as an ONNX step model (opset "
+        f"{ONNX_OPSET}, float32): inputs ids (int64 [batch, time]) and the carried state (h, "
+        "and c for an LSTM, each [layers, batch, hidden]); outputs logits ([batch, time, "
+        "vocabulary]) and the next state (h_next, c_next); batch and time are dynamic. The "
+        "vocabulary and the sampling defaults are in the model's metadata. Needs the export "
+        "extra: pip install 'charlstm[export]'. See docs/export.md.",
+    )
+    export_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
+    export_cmd.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="onnx", help="what to write (default: onnx)"
+    )
+    export_cmd.add_argument(
+        "--out",
+        default="model.onnx",
+        help="file to write, in an existing directory; replaced whole (default: model.onnx)",
+    )
+    return export_cmd
+
+
+def _export(args: argparse.Namespace) -> int:
+    from charlstm.exporting import export
+
+    out = export(args.checkpoint, args.out, format=args.format)
+    print(f"wrote {out} (ONNX opset {ONNX_OPSET}, float32)", file=sys.stderr)
     return 0
 
 

@@ -55,6 +55,10 @@ COMPARE_CELLS = ("rnn", "gru", "lstm")
 COMPARE_BUDGET = "10m"
 # `charlstm inspect` reads this many characters of its text unless told.
 INSPECT_MAX_CHARS = 20_000
+# `charlstm export` writes these formats; its ONNX graphs declare this opset (ONNX Runtime 1.12
+# and later run it) and compute in float32.
+EXPORT_FORMATS = ("onnx",)
+ONNX_OPSET = 17
 # A config file holds a few dozen settings: anything far larger is the wrong file.
 MAX_CONFIG_BYTES = 1 << 20
 
