@@ -515,7 +515,8 @@ def _inspect(args: argparse.Namespace) -> int:
                         ("--show", args.show)):  # fmt: skip
         if value < 1:
             raise CharLSTMError(f"{flag} must be at least 1, got {value}")
-    from charlstm.interpret import inspect, read_text_file
+    from charlstm.data import read_text_file
+    from charlstm.interpret import inspect
 
     text = read_text_file(args.text, max_chars=args.max_chars)
     result = inspect(
