@@ -1187,3 +1187,11 @@ def test_what_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
         "missing": f"{path}: no such file",
         "directory": f"{path} is a directory: give a text file",
     }.get(kind, f"{path} is not a regular file (a pipe or device): save the text to a file first")
+
+
+def test_a_dash_reads_standard_input(monkeypatch):
+    stdin = io.TextIOWrapper(io.BytesIO(codecs.BOM_UTF8 + "héllo\n".encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert read_text_file("-") == "héllo\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xff")))
+    assert error_of(lambda: read_text_file("-")) == "standard input: invalid UTF-8 at byte 2"
