@@ -38,7 +38,7 @@ _EXPORTS = {
     "charlstm.errors": ("CharLSTMError",),
     "charlstm.evaluation": ("EvalResult",),
     "charlstm.interpret": ("Inspection", "inspect"),
-    "charlstm.lm": ("CharLM",),
+    "charlstm.lm": ("CharLM", "Sample"),
     "charlstm.model": ("CharRNN",),
     "charlstm.plot": ("plot_runs",),
     "charlstm.budget": ("BudgetTooSmall",),
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from charlstm.errors import CharLSTMError
     from charlstm.evaluation import EvalResult
     from charlstm.interpret import Inspection, inspect
-    from charlstm.lm import CharLM
+    from charlstm.lm import CharLM, Sample
     from charlstm.model import CharRNN
     from charlstm.plot import plot_runs
     from charlstm.presets import apply_preset, choose_preset, preset_for
@@ -110,6 +110,7 @@ __all__ = [
     "Inspection",
     "ModelConfig",
     "RunConfig",
+    "Sample",
     "SampleConfig",
     "SessionConfig",
     "TrainConfig",
