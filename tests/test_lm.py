@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+import json
 import math
 import string
 import sys
@@ -225,8 +226,10 @@ def test_samples_report_the_seed_that_draws_them_again():
         "seed": seed,
         "index": 2,
     }  # fmt: skip
-    (given,) = model.samples("The ", 30, seed=7)
-    assert given.settings.seed == 7 and given.text == model.generate("The ", 30, seed=7)
+    (given,) = model.samples("The ", np.int64(30), temperature=np.float32(0.5), seed=np.int64(7))
+    assert given.text == model.generate("The ", 30, temperature=0.5, seed=7)
+    as_json = json.loads(json.dumps(given.as_dict()))  # numpy numbers become JSON's
+    assert (as_json["seed"], as_json["settings"]["length"]) == (7, 30)
     assert model.samples("The ", 30)[0].settings.seed != seed  # a fresh one for every call
 
 

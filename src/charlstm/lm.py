@@ -337,14 +337,15 @@ class Sample:
     settings: SampleConfig
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: prompt, text, settings, seed and index."""
+        """A JSON-ready dict: prompt, text, settings, seed and index (numbers as Python's own,
+        whatever numpy types the call was given)."""
         s = self.settings
         return {
             "prompt": s.prompt,
             "text": self.text,
-            "settings": {"length": s.length, "temperature": s.temperature, "top_k": s.top_k,
-                         "top_p": s.top_p, "unknown": s.unknown},
-            "seed": s.seed,
+            "settings": {"length": int(s.length), "temperature": float(s.temperature),
+                         "top_k": int(s.top_k), "top_p": float(s.top_p), "unknown": s.unknown},
+            "seed": int(s.seed) if s.seed is not None else None,
             "index": self.index,
         }  # fmt: skip
 
