@@ -218,8 +218,8 @@ def test_many_samples_of_a_long_prompt_read_the_prompt_once(
         pytest.skip("no resource module")
     prompt = tiny_text.read_text(encoding="utf-8")
     prompt = (prompt * (100_000 // len(prompt) + 1))[:100_000]
-    result = run_cli(["sample", tiny_run, "--num-samples", "1000", "--length", "3", "--prompt",
-                      prompt], isolated_data_dir, tmp_path, python=PEAK_SCRIPT)  # fmt: skip
+    args = ["sample", tiny_run, "--num-samples", 1000, "--length", 3, "--prompt", prompt]
+    result = run_cli([*args, "--no-echo"], isolated_data_dir, tmp_path, python=PEAK_SCRIPT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("=== sample ") == 1000
     peak = int(result.stderr.split("peak ")[-1])

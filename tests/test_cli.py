@@ -243,7 +243,9 @@ def test_sample_prints_exactly_length_characters_reproducibly(
     )
     for result in (first, again, other):
         ok(result)
-        assert len(result.stdout) == 51 and result.stdout.endswith("\n")
+        # The prompt, then the 50 characters that continue it and a newline.
+        assert len(result.stdout) == 57 and result.stdout.startswith("ROMEO:")
+        assert result.stdout.endswith("\n")
     assert first.stdout == again.stdout
     assert first.stdout != other.stdout
 

@@ -76,7 +76,7 @@ def test_from_dict_missing_sections_take_defaults():
 def test_from_dict_rejects_unknown_field():
     assert (
         error_of(lambda: RunConfig.from_dict({"model": {"hidden_dim": 8, "width": 3}}))
-        == "unknown setting(s) width in ModelConfig"
+        == "unknown setting(s) 'width' in ModelConfig"
     )
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import charlstm.data as data_module
 from charlstm.config import DataConfig
 from charlstm.corpora import data_dir
-from charlstm.data import Vocab, load_corpus, read_codepoints, to_codepoints
+from charlstm.data import Vocab, load_corpus, read_codepoints, read_text_file, to_codepoints
 from charlstm.errors import CharLSTMError
 
 BLOCK = 1 << 20  # the size of the blocks files are read in
@@ -1144,3 +1144,54 @@ def test_a_resumed_run_reads_the_kept_copy_when_nothing_is_piped(stdin_text, mon
         f"this run was trained on standard input and its copy {corpus.stdin_copy} is gone: "
         "pipe the same text in again (... | charlstm train --resume RUN)"
     )
+
+
+# ---- read_text_file: what inspect and --prompt-file read -------------------------------------
+
+
+def test_only_the_characters_wanted_are_read(tmp_path):
+    """At most 4 bytes a character (and a byte-order mark): a bad byte beyond never shows."""
+    path = tmp_path / "t.txt"
+    path.write_bytes("é".encode() * 100 + b"\xff" + b"x" * 10_000)
+    assert read_text_file(path, max_chars=100) == "é" * 100
+    assert error_of(lambda: read_text_file(path)) == f"{path}: invalid UTF-8 at byte 200"
+
+
+def test_a_byte_order_mark_is_not_text_and_offsets_count_it(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(codecs.BOM_UTF8 + b"abc\n" * 50)
+    assert read_text_file(path, max_chars=5) == "abc\na"
+    assert read_text_file(path) == "abc\n" * 50
+    path.write_bytes(codecs.BOM_UTF8 + b"ab\xff")
+    assert error_of(lambda: read_text_file(path)) == f"{path}: invalid UTF-8 at byte 5"
+
+
+def test_a_character_split_across_reads_is_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_BLOCK_BYTES", 3)
+    path = tmp_path / "t.txt"
+    text = "a😀b日本語\n" * 7
+    path.write_text(text, encoding="utf-8")
+    assert read_text_file(path) == text
+    assert read_text_file(path, max_chars=9) == text[:9]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "missing"])
+def test_what_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
+    path = {"device": os.devnull, "directory": tmp_path}.get(kind, tmp_path / kind)
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(path)  # opening it would wait for a writer
+    message = error_of(lambda: read_text_file(path, max_chars=10))
+    assert message == {
+        "missing": f"{path}: no such file",
+        "directory": f"{path} is a directory: give a text file",
+    }.get(kind, f"{path} is not a regular file (a pipe or device): save the text to a file first")
+
+
+def test_a_dash_reads_standard_input(monkeypatch):
+    stdin = io.TextIOWrapper(io.BytesIO(codecs.BOM_UTF8 + "héllo\n".encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert read_text_file("-") == "héllo\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xff")))
+    assert error_of(lambda: read_text_file("-")) == "standard input: invalid UTF-8 at byte 2"

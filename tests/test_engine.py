@@ -75,11 +75,11 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str]:
 
 
 def cli_sample(run: Path, data_dir: Path, cwd: Path, model: CharLM, r: Request, *flags) -> str:
-    """What ``charlstm sample`` prints for ``r``."""
+    """What ``charlstm sample --no-echo`` prints for ``r``."""
     result = run_cli(
         ["sample", run, "--device", "cpu", "--prompt", model.vocab.decode(r.prompt_ids.tolist()),
          "--length", r.max_tokens, "--seed", r.seed, "--temperature", r.temperature,
-         "--top-k", r.top_k, "--top-p", r.top_p, *flags],
+         "--top-k", r.top_k, "--top-p", r.top_p, "--no-echo", *flags],
         data_dir, cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

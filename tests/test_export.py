@@ -152,7 +152,7 @@ def test_the_documented_loop_samples_greedily_exactly_as_charlstm_sample(
     greedy = run_loop(script, model_path, "ROMEO:", 500, 0, cwd=tmp_path)
     assert greedy.returncode == 0, greedy.stderr
     sampled = run_cli(["sample", trained_run, "--prompt", "ROMEO:", "--length", 500,
-                       "--temperature", 0], isolated_data_dir, tmp_path)  # fmt: skip
+                       "--temperature", 0, "--no-echo"], isolated_data_dir, tmp_path)  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr
     assert len(greedy.stdout) == 501
     assert greedy.stdout == sampled.stdout

@@ -1,10 +1,6 @@
-"""What ``charlstm inspect`` reads: bounded, from regular files only, in one-line errors; and a
-text too long to record in memory, refused before recording it."""
+"""A text too long for ``charlstm inspect`` to record in memory, refused before recording it."""
 
 from __future__ import annotations
-
-import codecs
-import os
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ import charlstm.interpret as interpret_module
 from charlstm.config import RunConfig
 from charlstm.data import Vocab
 from charlstm.errors import CharLSTMError
-from charlstm.interpret import inspect, read_text_file
+from charlstm.interpret import inspect
 from charlstm.lm import CharLM
 from charlstm.model import CharRNN
 
@@ -22,46 +18,6 @@ def error_of(action) -> str:
     with pytest.raises(CharLSTMError) as excinfo:
         action()
     return str(excinfo.value)
-
-
-def test_only_the_characters_wanted_are_read(tmp_path):
-    """At most 4 bytes a character (and a byte-order mark): a bad byte beyond never shows."""
-    path = tmp_path / "t.txt"
-    path.write_bytes("é".encode() * 100 + b"\xff" + b"x" * 10_000)
-    assert read_text_file(path, max_chars=100) == "é" * 100
-    assert error_of(lambda: read_text_file(path)) == f"{path}: invalid UTF-8 at byte 200"
-
-
-def test_a_byte_order_mark_is_not_text_and_offsets_count_it(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_bytes(codecs.BOM_UTF8 + b"abc\n" * 50)
-    assert read_text_file(path, max_chars=5) == "abc\na"
-    assert read_text_file(path) == "abc\n" * 50
-    path.write_bytes(codecs.BOM_UTF8 + b"ab\xff")
-    assert error_of(lambda: read_text_file(path)) == f"{path}: invalid UTF-8 at byte 5"
-
-
-def test_a_character_split_across_reads_is_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(interpret_module, "_READ_BLOCK", 3)
-    path = tmp_path / "t.txt"
-    text = "a😀b日本語\n" * 7
-    path.write_text(text, encoding="utf-8")
-    assert read_text_file(path) == text
-    assert read_text_file(path, max_chars=9) == text[:9]
-
-
-@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "missing"])
-def test_what_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
-    path = {"device": os.devnull, "directory": tmp_path}.get(kind, tmp_path / kind)
-    if kind == "fifo":
-        if not hasattr(os, "mkfifo"):
-            pytest.skip("no FIFOs here")
-        os.mkfifo(path)  # opening it would wait for a writer
-    message = error_of(lambda: read_text_file(path, max_chars=10))
-    assert message == {
-        "missing": f"{path}: no such file",
-        "directory": f"{path} is a directory: give a text file",
-    }.get(kind, f"{path} is not a regular file (a pipe or device): save the text to a file first")
 
 
 def test_a_text_too_long_to_record_in_memory_is_refused_first(monkeypatch):

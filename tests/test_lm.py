@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+import json
 import math
 import string
 import sys
@@ -208,10 +209,52 @@ def test_default_prompt_is_a_newline():
 
 # ---- the typed sampling API --------------------------------------------------------------
 
+
+def test_samples_report_the_seed_that_draws_them_again():
+    model = text_model()
+    drawn = model.samples("The ", 30, num_samples=3, temperature=1.0, top_p=0.9)
+    seed = drawn[0].settings.seed  # none was given: one was drawn, the same for every sample
+    assert isinstance(seed, int) and 0 <= seed < 2**63
+    again = model.generate_batch(3, "The ", 30, temperature=1.0, top_p=0.9, seed=seed)
+    assert [s.text for s in drawn] == again
+    assert [s.index for s in drawn] == [0, 1, 2]
+    assert drawn[2].as_dict() == {
+        "prompt": "The ",
+        "text": again[2],
+        "settings": {"length": 30, "temperature": 1.0, "top_k": 0, "top_p": 0.9,
+                     "unknown": "error"},
+        "seed": seed,
+        "index": 2,
+    }  # fmt: skip
+    (given,) = model.samples("The ", np.int64(30), temperature=np.float32(0.5), seed=np.int64(7))
+    assert given.text == model.generate("The ", 30, temperature=0.5, seed=7)
+    as_json = json.loads(json.dumps(given.as_dict()))  # numpy numbers become JSON's
+    assert (as_json["seed"], as_json["settings"]["length"]) == (7, 30)
+    assert model.samples("The ", 30)[0].settings.seed != seed  # a fresh one for every call
+
+
+def test_summary_of_a_checkpoint_and_of_a_model_in_memory(trained_run):
+    model = charlstm.load(str(trained_run), device="cpu")
+    facts = model.summary()
+    assert facts["name"] == trained_run.name
+    assert facts["path"] == str(trained_run / "best")
+    assert (facts["cell"], facts["layers"], facts["hidden"], facts["embed"]) == ("lstm", 2, 64, 32)
+    assert facts["parameters"] == model.net.num_parameters()
+    assert facts["vocabulary"] == model.vocab.size
+    assert facts["corpus"] == model.info["corpus"]["name"]
+    assert facts["step"] == 60
+    assert facts["val_bpc"] == model.info["val"]["bpc"]
+    unsaved = text_model()
+    unsaved.info = {"val": {"bpc": math.inf}}  # JSON holds no infinity: not known
+    assert {k: v for k, v in unsaved.summary().items() if v is None} == {
+        "name": None, "path": None, "corpus": None, "step": None, "val_bpc": None,
+    }  # fmt: skip
+
+
 SAMPLING = ("temperature", "top_k", "top_p", "seed", "unknown")
 
 
-@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch"])
+@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch", "samples"])
 def test_sampling_settings_are_typed_keyword_only_with_sample_config_defaults(method):
     signature = inspect.signature(getattr(CharLM, method), eval_str=True)
     params = signature.parameters
@@ -241,7 +284,7 @@ def test_sampling_settings_are_typed_keyword_only_with_sample_config_defaults(me
         ({"length": 0}, "length must be at least 1, got 0"),
     ],
 )
-@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch"])
+@pytest.mark.parametrize("method", ["generate", "stream", "generate_batch", "samples"])
 def test_a_bad_setting_is_refused_naming_the_parameter_not_the_flag(method, settings, message):
     model = text_model()
     args = (2, "a") if method == "generate_batch" else ("a",)

@@ -164,7 +164,7 @@ def test_streamed_characters_equal_charlstm_sample(
     server: Server, trained_run: Path, session_data_dir: Path, tmp_path: Path
 ) -> None:
     sample = run_cli(
-        ["sample", trained_run, "--prompt", ROMEO, "--length", 200, "--seed", 7],
+        ["sample", trained_run, "--prompt", ROMEO, "--length", 200, "--seed", 7, "--no-echo"],
         session_data_dir, tmp_path,
     )  # fmt: skip
     assert sample.returncode == 0, sample.stderr

@@ -40,7 +40,7 @@ _EXPORTS = {
     "charlstm.evaluation": ("EvalResult",),
     "charlstm.exporting": ("export",),
     "charlstm.interpret": ("Inspection", "inspect"),
-    "charlstm.lm": ("CharLM",),
+    "charlstm.lm": ("CharLM", "Sample"),
     "charlstm.model": ("CharRNN",),
     "charlstm.plot": ("plot_runs",),
     "charlstm.budget": ("BudgetTooSmall",),
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from charlstm.evaluation import EvalResult
     from charlstm.exporting import export
     from charlstm.interpret import Inspection, inspect
-    from charlstm.lm import CharLM
+    from charlstm.lm import CharLM, Sample
     from charlstm.model import CharRNN
     from charlstm.plot import plot_runs
     from charlstm.presets import apply_preset, choose_preset, preset_for
@@ -113,6 +113,7 @@ __all__ = [
     "Inspection",
     "ModelConfig",
     "RunConfig",
+    "Sample",
     "SampleConfig",
     "SessionConfig",
     "TrainConfig",

@@ -222,6 +222,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CharLSTMError(f"{path} is not a charlstm checkpoint or run directory (no {CONFIG_FILE})")
 
 
+def run_directory_of(path: str | Path) -> Path:
+    """The run a checkpoint path belongs to: ``runs/x`` for ``runs/x`` and ``runs/x/best``;
+    a lone checkpoint directory is its own."""
+    given = Path(path).expanduser().resolve()
+    return given.parent if given.name in ("best", "last") else given
+
+
 def readable_checkpoint(directory: Path) -> Path | None:
     """``directory`` if it holds a whole checkpoint, else the copy of it that a replacement
     set aside (still being replaced, or interrupted by a crash), else None."""

@@ -37,6 +37,7 @@ from charlstm.config import (
 from charlstm.errors import CharLSTMError, TrainingInterrupted
 from charlstm.plot import CURVES_FILE, plot_runs  # numpy, and matplotlib only to draw
 from charlstm.presets import AUTO, picks_preset
+from charlstm.sample_cli import interactive, read_prompt_file, write_samples
 
 if TYPE_CHECKING:
     from charlstm.evaluation import EvalResult
@@ -48,6 +49,13 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_FAILURE = 1  # the input was fine but the machine could not run it (out of memory)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_STATUSES = (
+    "exit status: 0 done; 2 a usage mistake or input that cannot be used (one 'error:' line "
+    "says what and where); 1 the machine could not run it (out of memory) or an unexpected "
+    "failure; 130 stopped by Ctrl-C and 143 by SIGTERM (train saves last/ first, serve lets "
+    "running requests finish)"
+)
 # The defaults of charlstm.server.ServeLimits (a test keeps them equal), here so that `serve
 # --help` answers without importing FastAPI and torch.
 SERVE_DEFAULTS = {"max_tokens": 2000, "max_prompt": 10_000, "max_n": 16, "max_sequences": 64,
@@ -80,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="charlstm",
         description="Character-level LSTM / GRU / RNN language models: train, sample, eval, "
         "serve, plot, compare, inspect, export.",
+        epilog=EXIT_STATUSES,
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -108,12 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             group, section.default_factory, only=lambda f: not f.metadata.get("essential", False)
         )  # type: ignore[arg-type]
 
-    sample_cmd = commands.add_parser(
-        "sample", help="generate text from a checkpoint", description="Generate text."
-    )
-    sample_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
-    _add_dataclass_flags(sample_cmd, SampleConfig)
-    _add_device_flag(sample_cmd)
+    sample_cmd = _add_sample_command(commands)
 
     eval_cmd = commands.add_parser(
         "eval",
@@ -175,7 +179,10 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         handlers = {"train": _train, "sample": _sample, "eval": _eval, "serve": _serve}
         handlers.update(plot=_plot, compare=_compare, inspect=_inspect, export=_export)
-        code = handlers[args.command](args)
+        # Training and serving stop on SIGTERM in their own way (saving, draining).
+        own = args.command in ("train", "compare", "serve")
+        with contextlib.nullcontext() if own else _sigterm_stops_like_ctrl_c():
+            code = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe must show up here, not in Python's flush at exit
         distributed.shutdown()  # leave the torchrun process group, if this process joined one
         return code
@@ -191,9 +198,10 @@ def _main(argv: Sequence[str] | None) -> int:
         distributed.report(f"{e}; continue with: charlstm train --resume {e.run_dir}{under}")
         distributed.shutdown()
         return e.exit_code
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        _say("terminated" if terminated else "interrupted")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except (MemoryError, RuntimeError) as e:
         if args.debug or not _out_of_memory(e):
             raise
@@ -235,31 +243,76 @@ def _train(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"sample from {result.run_dir / 'best'}:", file=sys.stderr)
         # From a newline, or its stand-in when the training text had none (a one-line file).
-        _write_stream(result.model.stream("\n", length, unknown="replace"))
+        write_samples(result.model, SampleConfig(length=length), sys.stdout)
     return 0
 
 
+def _add_sample_command(commands: Any) -> argparse.ArgumentParser:
+    """The sample subcommand: SampleConfig's flags, then where the prompt comes from and how
+    the samples are printed."""
+    sample_cmd = commands.add_parser(
+        "sample",
+        help="generate text from a checkpoint",
+        description="Generate text. A prompt you give is printed before its continuation "
+        "(--no-echo prints the continuation alone, for scripts); --json prints one JSON object "
+        "per sample instead; --interactive samples one prompt per line of standard input.",
+        epilog=EXIT_STATUSES,
+    )
+    sample_cmd.add_argument("checkpoint", help="checkpoint directory or run directory")
+    _add_dataclass_flags(sample_cmd, SampleConfig)
+    sample_cmd.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        help="read the prompt from a UTF-8 file, exactly as it is ('-': standard input); "
+        "instead of --prompt",
+    )
+    sample_cmd.add_argument(
+        "--no-echo",
+        dest="echo",
+        action="store_false",
+        help="print the continuation alone (default: the prompt, then its continuation; the "
+        "default newline prompt is never printed)",
+    )
+    sample_cmd.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per sample and line (JSON Lines) and nothing else: prompt, "
+        "text (the continuation), settings, seed (drawn if not given), index and model",
+    )
+    sample_cmd.add_argument(
+        "--interactive",
+        action="store_true",
+        help="load the model once, then sample each line of standard input as a prompt until "
+        "it ends; lines such as ':temperature 0.5', ':length 200', ':seed 7' change the "
+        "settings, ':help' lists them",
+    )
+    _add_device_flag(sample_cmd)
+    return sample_cmd
+
+
 def _sample(args: argparse.Namespace) -> int:
-    settings = SampleConfig(**_given(args, SampleConfig))
+    given = _given(args, SampleConfig)
+    if args.prompt_file is not None and "prompt" in given:
+        raise CharLSTMError("give --prompt or --prompt-file, not both")
+    if args.interactive and (args.prompt_file is not None or "prompt" in given):
+        raise CharLSTMError(
+            "--interactive reads its prompts from standard input, one per line: give no "
+            "--prompt or --prompt-file"
+        )
+    if args.interactive and sys.stdin is None:
+        raise CharLSTMError("standard input is closed: --interactive reads its prompts there")
+    if args.prompt_file is not None:
+        given["prompt"] = read_prompt_file(args.prompt_file)
+    settings = SampleConfig(**given)
     settings.validate()
     from charlstm.lm import CharLM
 
     model = CharLM.load(args.checkpoint, device=args.device)
-    options = {
-        "temperature": settings.temperature,
-        "top_k": settings.top_k,
-        "top_p": settings.top_p,
-        "seed": settings.seed,
-        "unknown": settings.unknown,
-    }
-    if settings.num_samples == 1:
-        _write_stream(model.stream(settings.prompt, settings.length, **options))
-        return 0
-    samples = model.generate_batch(
-        settings.num_samples, settings.prompt, settings.length, **options
-    )
-    for index, text in enumerate(samples, 1):
-        sys.stdout.write(f"=== sample {index} ===\n{text}\n")
+    if args.interactive:
+        interactive(model, settings, sys.stdin.buffer, sys.stdout, sys.stderr,
+                    echo=args.echo, as_json=args.json)  # fmt: skip
+    else:
+        write_samples(model, settings, sys.stdout, echo=args.echo, as_json=args.json)
     return 0
 
 
@@ -519,7 +572,8 @@ def _inspect(args: argparse.Namespace) -> int:
                         ("--show", args.show)):  # fmt: skip
         if value < 1:
             raise CharLSTMError(f"{flag} must be at least 1, got {value}")
-    from charlstm.interpret import inspect, read_text_file
+    from charlstm.data import read_text_file
+    from charlstm.interpret import inspect
 
     text = read_text_file(args.text, max_chars=args.max_chars)
     result = inspect(
@@ -645,6 +699,29 @@ def _gigabytes(size: int) -> str:
     return f"{gb:,.1f} GB" if gb < 1e6 else f"{gb:.3g} GB"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the command stops where it is, as Ctrl-C stops it."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """Within, SIGTERM raises _Terminated, so that the command unwinds (no half-written line,
+    no temporary file left) and exits with 143 instead of dying of the signal."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _quiet_second_interrupt() -> None:
     """From here to the process's end (flushing, atexit handlers, joining threads), Ctrl-C
     ends it at once with status 130, without the traceback Python prints for an interrupted
@@ -663,13 +740,6 @@ def _quiet_second_interrupt() -> None:
 def _say(line: str) -> None:
     if distributed.is_main_process():
         print(line, file=sys.stderr)
-
-
-def _write_stream(pieces: typing.Iterable[str]) -> None:
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
 
 
 def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

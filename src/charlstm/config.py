@@ -530,7 +530,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise CharLSTMError(f"unknown setting(s) {', '.join(unknown)} in {cls.__name__}")
+        raise CharLSTMError(f"unknown setting(s) {', '.join(map(repr, unknown))} in {cls.__name__}")
     return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
 

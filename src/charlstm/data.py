@@ -638,6 +638,62 @@ def _rare_ideograph(c: str) -> bool:
     return True
 
 
+def read_text_file(path: str | Path, max_chars: int | None = None) -> str:
+    """A UTF-8 file's text (its first ``max_chars`` characters, None: all), with one-line
+    errors for a missing, undecodable or non-regular file; ``-`` reads standard input.
+
+    At most 4 bytes per wanted character are read, decoded as they come: /dev/zero or a huge
+    file costs no more than the characters used. A FIFO or device is refused without opening
+    it (opening a FIFO waits for a writer).
+    """
+    path = Path(path)
+    if path != STDIN_PATH:
+        _check_regular_file(path)
+    # Bytes to read: every character is at most 4 bytes of UTF-8, plus a byte-order mark.
+    budget = None if max_chars is None else 4 * max_chars + len(codecs.BOM_UTF8)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a leading BOM is not text
+    pieces: list[str] = []
+    have = offset = 0
+    try:
+        with _open_binary(path) as f:
+            while budget is None or offset < budget:
+                want = _BLOCK_BYTES if budget is None else min(_BLOCK_BYTES, budget - offset)
+                block = f.read(want)
+                try:
+                    piece = decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    # Text before the bad byte may hold every character wanted: then it is fine.
+                    piece = e.object[: e.start].decode("utf-8")
+                    if max_chars is None or have + len(piece) < max_chars:
+                        at = offset + len(block) - len(e.object) + e.start
+                        raise CharLSTMError(f"{_where(path)}: invalid UTF-8 at byte {at}") from None
+                    block = b""  # nothing after it is read
+                offset += len(block)
+                pieces.append(piece)
+                have += len(piece)
+                if not block or (max_chars is not None and have >= max_chars):
+                    break
+    except OSError as e:
+        raise CharLSTMError(f"cannot read {_where(path)}: {e.strerror or e}") from None
+    text = "".join(pieces)
+    return text if max_chars is None else text[:max_chars]
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CharLSTMError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise CharLSTMError(f"{path} is a directory: give a text file")
+    if not stat.S_ISREG(mode):
+        raise CharLSTMError(
+            f"{path} is not a regular file (a pipe or device): save the text to a file first"
+        )
+
+
 # ---- the corpus ---------------------------------------------------------------------------------
 
 

@@ -13,10 +13,8 @@ property does not apply (vowel vs consonant says nothing of a space); correlatio
 
 from __future__ import annotations
 
-import codecs
 import html
 import os
-import stat
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ from charlstm.lm import CharLM
 from charlstm.model import WEIGHT_NAMES, CharRNN, reference_lstm_layer, run_layer
 
 MIN_CHARS = 100  # fewer characters than this make correlations meaningless
-_READ_BLOCK = 1 << 20  # bytes read at a time from an inspected text
 _VOWELS = frozenset("aeiou")
 
 # ---- properties of the text -----------------------------------------------------------------
@@ -310,56 +307,6 @@ class Inspection:
                 if not ch.isspace():
                     axes.text(col, top + 1.8 + row, ch, **_GLYPH)
         return _save_figure(figure, Path(path))
-
-
-def read_text_file(path: str | Path, max_chars: int | None = None) -> str:
-    """A UTF-8 file's text (its first ``max_chars`` characters, None: all), with one-line
-    errors for a missing, undecodable or non-regular file.
-
-    At most 4 bytes per wanted character are read, decoded as they come: /dev/zero or a huge
-    file costs no more than the characters used. A FIFO or device is refused without opening
-    it (opening a FIFO waits for a writer).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CharLSTMError(f"{path}: no such file") from None
-    except OSError as e:
-        raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
-    if stat.S_ISDIR(mode):
-        raise CharLSTMError(f"{path} is a directory: give a text file")
-    if not stat.S_ISREG(mode):
-        raise CharLSTMError(
-            f"{path} is not a regular file (a pipe or device): save the text to a file first"
-        )
-    # Bytes to read: every character is at most 4 bytes of UTF-8, plus a byte-order mark.
-    budget = None if max_chars is None else 4 * max_chars + len(codecs.BOM_UTF8)
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a leading BOM is not text
-    pieces: list[str] = []
-    have = offset = 0
-    try:
-        with open(path, "rb") as f:
-            while budget is None or offset < budget:
-                want = _READ_BLOCK if budget is None else min(_READ_BLOCK, budget - offset)
-                block = f.read(want)
-                try:
-                    piece = decoder.decode(block, final=not block)
-                except UnicodeDecodeError as e:
-                    # Text before the bad byte may hold every character wanted: then it is fine.
-                    piece = e.object[: e.start].decode("utf-8")
-                    if max_chars is None or have + len(piece) < max_chars:
-                        at = offset + len(block) - len(e.object) + e.start
-                        raise CharLSTMError(f"{path}: invalid UTF-8 at byte {at}") from None
-                    block = b""  # nothing after it is read
-                offset += len(block)
-                pieces.append(piece)
-                have += len(piece)
-                if not block or (max_chars is not None and have >= max_chars):
-                    break
-    except OSError as e:
-        raise CharLSTMError(f"cannot read {path}: {e.strerror or e}") from None
-    text = "".join(pieces)
-    return text if max_chars is None else text[:max_chars]
 
 
 def inspect(

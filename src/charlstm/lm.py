@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 import numbers
 import re
 import typing
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlstm.checkpoint import read_checkpoint
+from charlstm.checkpoint import read_checkpoint, run_directory_of
 from charlstm.config import DEFAULT_PROMPT, DynamicEvalConfig, RunConfig, SampleConfig
 from charlstm.data import (
     BYTES,
@@ -30,7 +31,7 @@ from charlstm.device import resolve_device
 from charlstm.errors import CharLSTMError
 from charlstm.evaluation import EvalResult, Progress, dynamic_evaluate_ids, evaluate_ids
 from charlstm.model import CharRNN
-from charlstm.sample import generate_ids
+from charlstm.sample import fresh_seed, generate_ids
 
 # The defaults of the sampling methods' parameters: SampleConfig's own, so that signatures and
 # help() show the real values and there is no second list of them to fall out of step.
@@ -41,12 +42,18 @@ class CharLM:
     """What :func:`charlstm.load` returns: the network, its vocabulary and its configuration."""
 
     def __init__(
-        self, net: CharRNN, vocab: Vocab, config: RunConfig, info: dict[str, Any] | None = None
+        self,
+        net: CharRNN,
+        vocab: Vocab,
+        config: RunConfig,
+        info: dict[str, Any] | None = None,
+        path: Path | None = None,
     ) -> None:
         self.net = net
         self.vocab = vocab
         self.config = config
         self.info = info or {}
+        self.path = path  # the checkpoint directory it was loaded from, if any
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> CharLM:
@@ -61,7 +68,7 @@ class CharLM:
                 f"in config.json ({_first_detail(e)})"
             ) from None
         net.to(resolve_device(device)).eval()
-        return cls(net, checkpoint.vocab, checkpoint.config, checkpoint.info)
+        return cls(net, checkpoint.vocab, checkpoint.config, checkpoint.info, checkpoint.path)
 
     @property
     def device(self) -> torch.device:
@@ -134,22 +141,66 @@ class CharLM:
                 piece.append(text)
         return ["".join(p) for p in pieces]
 
+    def samples(
+        self,
+        prompt: str = _DEFAULT.prompt,
+        length: int = _DEFAULT.length,
+        *,
+        num_samples: int = _DEFAULT.num_samples,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int = _DEFAULT.top_k,
+        top_p: float = _DEFAULT.top_p,
+        seed: int | None = _DEFAULT.seed,
+        unknown: str = _DEFAULT.unknown,
+    ) -> list[Sample]:
+        """:meth:`generate_batch`'s samples, each with the settings and seed that reproduce it:
+        with no ``seed`` one is drawn, and every sample reports it (what ``charlstm sample
+        --json`` prints)."""
+        config = _sample_config(
+            prompt, length, num_samples, temperature, top_k, top_p, seed, unknown
+        )
+        config.seed = fresh_seed() if seed is None else seed
+        texts = self.generate_batch(
+            num_samples, prompt, length, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=config.seed, unknown=unknown,
+        )  # fmt: skip
+        return [Sample(text, index, config) for index, text in enumerate(texts)]
+
+    def summary(self) -> dict[str, Any]:
+        """The model in JSON-ready facts: its name (its run directory's) and checkpoint path
+        (None for a model not loaded from one), shape, size, vocabulary, the corpus it learnt,
+        its training step and validation bits per character (None where not recorded)."""
+        mc, corpus, val = self.config.model, self.info.get("corpus"), self.info.get("val")
+        bpc = val.get("bpc") if isinstance(val, dict) else None
+        step = self.info.get("step")
+        return {
+            "name": run_directory_of(self.path).name if self.path is not None else None,
+            "path": str(self.path) if self.path is not None else None,
+            "cell": mc.cell,
+            "layers": mc.n_layers,
+            "hidden": mc.hidden_dim,
+            "embed": mc.embed_dim,
+            "parameters": self.net.num_parameters(),
+            "vocabulary": self.vocab.size,
+            "corpus": corpus.get("name") if isinstance(corpus, dict) else None,
+            "step": step if isinstance(step, int) else None,
+            "val_bpc": bpc if _is_finite_number(bpc) else None,
+        }
+
     def __repr__(self) -> str:
         """One line: the network's shape and size, its vocabulary, corpus, device and, if the
         checkpoint was evaluated, its validation bits per character."""
-        mc = self.config.model
+        facts = self.summary()
         parts = [
-            f"{mc.cell} {mc.n_layers}x{mc.hidden_dim}",
-            f"{self.net.num_parameters():,} parameters",
-            f"vocabulary {self.vocab.size}",
+            f"{facts['cell']} {facts['layers']}x{facts['hidden']}",
+            f"{facts['parameters']:,} parameters",
+            f"vocabulary {facts['vocabulary']}",
         ]
-        corpus = self.info.get("corpus")
-        if isinstance(corpus, dict) and corpus.get("name"):
-            parts.append(f"corpus {corpus['name']}")
+        if facts["corpus"]:
+            parts.append(f"corpus {facts['corpus']}")
         parts.append(str(self.device))
-        val = self.info.get("val")
-        if isinstance(val, dict) and isinstance(val.get("bpc"), (int, float)):
-            parts.append(f"val {val['bpc']:.3f} bpc")
+        if facts["val_bpc"] is not None:
+            parts.append(f"val {facts['val_bpc']:.3f} bpc")
         return f"<CharLM {', '.join(parts)}>"
 
     def evaluate(
@@ -273,6 +324,35 @@ class CharLM:
                 f"{needed / 1e9:,.1f} GB of memory and {available / 1e9:,.1f} GB is available: "
                 "use a smaller --num-samples or --length"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sample of :meth:`CharLM.samples`: its text (the continuation alone), its place
+    among the samples of its call, and the settings that drew it, the seed included (sample
+    ``index`` of seed ``s`` is ``generate_batch(index + 1, ..., seed=s)[index]``)."""
+
+    text: str
+    index: int
+    settings: SampleConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: prompt, text, settings, seed and index (numbers as Python's own,
+        whatever numpy types the call was given)."""
+        s = self.settings
+        return {
+            "prompt": s.prompt,
+            "text": self.text,
+            "settings": {"length": int(s.length), "temperature": float(s.temperature),
+                         "top_k": int(s.top_k), "top_p": float(s.top_p), "unknown": s.unknown},
+            "seed": int(s.seed) if s.seed is not None else None,
+            "index": self.index,
+        }  # fmt: skip
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A number JSON can hold (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _SETTINGS = {f.name for f in dataclasses.fields(SampleConfig)}

@@ -31,12 +31,14 @@ likely but tested only on a CPU.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from charlstm.config import SEED_LIMIT
 from charlstm.model import MAX_LOGITS, WEIGHT_NAMES, CharRNN, State
 
 try:  # optional: built where a C compiler was at install (see row_products.c)
@@ -57,6 +59,12 @@ def sample_rng(seed: int | None, index: int) -> np.random.Generator:
     samples are independent streams and sample ``i`` is the same in a batch of any size. None
     draws fresh entropy from the operating system."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def fresh_seed() -> int:
+    """A seed drawn from the operating system's entropy, in the range every seed takes, for a
+    call that was given none and must still say which one reproduces it."""
+    return secrets.randbelow(SEED_LIMIT)
 
 
 def filter_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

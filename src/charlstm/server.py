@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from charlstm.checkpoint import CONFIG_FILE, resolve_checkpoint
+from charlstm.checkpoint import CONFIG_FILE, resolve_checkpoint, run_directory_of
 from charlstm.config import DEFAULT_PROMPT, SEED_LIMIT, UNKNOWN_POLICIES, SampleConfig
 from charlstm.engine import Engine, EngineClosed, EngineFull, Request, Sequence
 from charlstm.errors import CharLSTMError
@@ -128,22 +128,21 @@ class ModelCard:
     @classmethod
     def of(cls, model: CharLM, path: str | Path) -> ModelCard:
         """The card of ``model``, loaded from ``path`` (a run or checkpoint directory)."""
-        run_dir = run_directory(path)
-        info, mc = model.info, model.config.model
-        corpus, val = info.get("corpus"), info.get("val")
+        run_dir = run_directory_of(path)
+        facts = model.summary()
         curves = run_dir / CURVES_FILE
         return cls(
             name=run_dir.name,
             created=int((resolve_checkpoint(path) / CONFIG_FILE).stat().st_mtime),
-            cell=mc.cell,
-            layers=mc.n_layers,
-            hidden=mc.hidden_dim,
-            embed=mc.embed_dim,
-            parameters=model.net.num_parameters(),
-            vocabulary=model.vocab.size,
-            corpus=corpus.get("name") if isinstance(corpus, dict) else None,
-            step=info.get("step") if isinstance(info.get("step"), int) else None,
-            val_bpc=val["bpc"] if isinstance(val, dict) and _is_number(val.get("bpc")) else None,
+            cell=facts["cell"],
+            layers=facts["layers"],
+            hidden=facts["hidden"],
+            embed=facts["embed"],
+            parameters=facts["parameters"],
+            vocabulary=facts["vocabulary"],
+            corpus=facts["corpus"],
+            step=facts["step"],
+            val_bpc=facts["val_bpc"],
             curves=curves if curves.is_file() else None,
         )
 
@@ -179,13 +178,6 @@ class ModelCard:
                 },
             },
         }
-
-
-def run_directory(path: str | Path) -> Path:
-    """The run a checkpoint path belongs to: ``runs/x`` for ``runs/x`` and ``runs/x/best``;
-    a lone checkpoint directory is its own."""
-    given = Path(path).expanduser().resolve()
-    return given.parent if given.name in ("best", "last") else given
 
 
 # ---- errors -----------------------------------------------------------------------------------
