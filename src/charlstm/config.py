@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from charlstm.errors import CharLSTMError
-from charlstm.presets import PRESET_CHOICES, PRESETS, preset_sections
+from charlstm.presets import AUTO, PRESET_CHOICES, PRESETS, preset_sections
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,9 +110,21 @@ class DataConfig:
     encoding: str = option(
         "utf-8", "text encoding of the files (any Python codec), or 'bytes' to model raw bytes"
     )
+    unknown: str = option(
+        "error",
+        "with --init-from: characters of the text that the model never saw: error, skip them "
+        "(dropped from the text) or replace them (by a space, else a newline)",
+        choices=UNKNOWN_POLICIES,
+    )
+    extend_vocab: bool = option(
+        False,
+        "with --init-from: add the characters of the text that the model never saw to its "
+        "vocabulary, with new embedding and output rows (the others keep their ids and weights)",
+    )
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings that cannot produce a split."""
+        _check_choices(self)
         _check_finite(self)
         _require(len(self.data) > 0, "--data needs at least one file, directory or corpus name")
         if not self.val_data:
@@ -175,6 +187,12 @@ class TrainConfig:
         essential=True,
         compare=False,  # a run is what its settings are, whichever preset brought them
     )
+    init_from: str | None = option(
+        None,
+        "fine-tune: start from the weights, model shape and vocabulary of this run directory "
+        "(its best/) or checkpoint, with a fresh optimizer and schedule, in a new run directory",
+        essential=True,
+    )
     seed: int = option(
         1337, "random seed: the same seed and settings repeat a CPU run exactly", essential=True
     )
@@ -195,6 +213,11 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must not be negative (0 turns it off)")
         _require(0 <= self.ema < 1, "--ema must be in [0, 1) (0 turns it off)")
+        _require(
+            not (self.init_from and self.preset == AUTO),
+            "--preset auto picks a model shape for this machine and --init-from keeps its "
+            "source's: give --preset 5m or no preset",
+        )
 
 
 @dataclass
@@ -286,6 +309,18 @@ class RunConfig:
         """Check every section; returns self so calls can be chained."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        data = self.data
+        fitting = "--extend-vocab" if data.extend_vocab else f"--unknown {data.unknown}"
+        _require(
+            bool(self.train.init_from) or (data.unknown == "error" and not data.extend_vocab),
+            f"{fitting} fits a text to the vocabulary of a model that training starts from: "
+            "give --init-from RUN_DIR too",
+        )
+        _require(
+            not (data.extend_vocab and data.unknown != "error"),
+            f"--extend-vocab adds the characters the model never saw and --unknown "
+            f"{data.unknown} removes them: give one of them",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -99,9 +99,10 @@ def _default(f: dataclasses.Field) -> Any:
 
 def picks_preset(overrides: dict[str, Any]) -> bool:
     """Whether a run given these flat overrides leaves its preset to the machine's speed (see
-    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`."""
+    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`, and
+    no model to start from (``init_from``: its shape is the source's)."""
     given = {key.replace("-", "_") for key in overrides}
-    return not given & {"preset", "max_steps", "max_epochs", *LEARNING_SETTINGS}
+    return not given & {"preset", "max_steps", "max_epochs", "init_from", *LEARNING_SETTINGS}
 
 
 def preset_for(budget_seconds: float, chars_per_second: float) -> str:
