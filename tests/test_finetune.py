@@ -31,6 +31,8 @@ from conftest import (
 import charlstm
 from charlstm import CharLSTMError
 from charlstm.checkpoint import read_checkpoint
+from charlstm.finetune import adopt_model
+from charlstm.presets import PRESETS, apply_preset
 from charlstm.suite import build_suite_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,14 +189,6 @@ def test_settings_that_change_the_shape_are_refused_naming_them(
         "them out, or train a new model"
     )
     assert not (tmp_path / "run").exists()
-    preset = charlstm.RunConfig(
-        data=charlstm.DataConfig(data=[str(small_corpus)]),
-        train=charlstm.TrainConfig(preset="1m", init_from=str(trained_run)),
-        session=charlstm.SessionConfig(out=str(tmp_path / "run")),
-    )
-    assert "--hidden-dim 384 (from --preset 1m), --n-layers 1 (from --preset 1m)" in error_of(
-        preset
-    )
 
 
 @pytest.mark.slow
@@ -211,7 +205,6 @@ def test_the_shape_comes_from_the_source_and_dropout_may_change(
     assert "model: lstm 2x64, embedding 32" in result.stderr
     config = read_checkpoint(out).config
     assert (config.model.hidden_dim, config.model.embed_dim, config.model.dropout) == (64, 32, 0.1)
-    assert config.train.preset is None  # not picked for this machine: the shape is the source's
     shape = run_cli(
         ["train", "--init-from", trained_run, "--data", python_text, "--out", tmp_path / "other",
          "--cell", "gru", *FAST_FINE_TUNE],
@@ -220,10 +213,23 @@ def test_the_shape_comes_from_the_source_and_dropout_may_change(
     refused(shape, "keeps the shape of its model", "--cell gru would change it")
 
 
-def test_preset_auto_with_a_model_to_start_from_is_refused(trained_run, small_corpus, tmp_path):
-    config = fine_tune(trained_run, small_corpus, tmp_path / "run", preset="auto")
-    with pytest.raises(CharLSTMError, match="--preset auto picks a model shape"):
-        config.validate()
+def test_a_preset_brings_its_learning_settings_and_keeps_the_shape(trained_run, small_corpus):
+    one_minute = PRESETS["1m"]
+    default = charlstm.ModelConfig()
+    fine_tuning = {"data": [str(small_corpus)], "init_from": str(trained_run)}
+    for config in (
+        charlstm.RunConfig().with_overrides({**fine_tuning, "preset": "1m"}),
+        charlstm.RunConfig(train=charlstm.TrainConfig(preset="1m", init_from=str(trained_run))),
+        apply_preset(charlstm.RunConfig().with_overrides(fine_tuning), one_minute),
+    ):
+        assert (config.model.n_layers, config.model.hidden_dim) == (2, default.hidden_dim)
+        assert config.model.dropout == one_minute["dropout"]  # a learning setting, not the shape
+        assert config.train.seq_len == one_minute["seq_len"]
+        assert config.session.eval_every == one_minute["eval_every"]
+    # The shape that the model then takes is the source's (trained_run: 2 x 64).
+    tuned = adopt_model(config, read_checkpoint(trained_run))
+    assert (tuned.model.n_layers, tuned.model.hidden_dim, tuned.model.dropout) == (2, 64, 0.0)
+    assert tuned.train.seq_len == one_minute["seq_len"]
 
 
 # ---- what it starts from --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from charlstm.errors import CharLSTMError
-from charlstm.presets import AUTO, PRESET_CHOICES, PRESETS, preset_sections
+from charlstm.presets import PRESET_CHOICES, PRESETS, preset_sections
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,6 +91,10 @@ class ModelConfig:
         heads = self.n_layers if self.head_input == "all" else 1
         head = (heads * self.hidden_dim + 1) * vocab_size
         return vocab_size * self.embed_dim + recurrent + head
+
+
+# The model settings that decide the shapes of the weights (the others may change freely).
+SHAPE_SETTINGS = ("cell", "embed_dim", "hidden_dim", "n_layers", "head_input")
 
 
 @dataclass
@@ -213,11 +217,6 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
         _require(self.grad_clip >= 0, "--grad-clip must not be negative (0 turns it off)")
         _require(0 <= self.ema < 1, "--ema must be in [0, 1) (0 turns it off)")
-        _require(
-            not (self.init_from and self.preset == AUTO),
-            "--preset auto picks a model shape for this machine and --init-from keeps its "
-            "source's: give --preset 5m or no preset",
-        )
 
 
 @dataclass
@@ -354,10 +353,15 @@ class RunConfig:
         """A copy with flat ``field: value`` overrides applied to whichever section owns each.
 
         A ``preset`` among them applies its settings first; the other overrides win over it.
+        A fine-tuning run (``init_from``) keeps the shape of its model: its source's.
         """
-        preset = {key.replace("-", "_"): value for key, value in overrides.items()}.get("preset")
+        given = {key.replace("-", "_"): value for key, value in overrides.items()}
+        preset = given.get("preset")
         if preset in PRESETS:
-            overrides = {**PRESETS[preset], **overrides}
+            settings = PRESETS[preset]
+            if given.get("init_from", self.train.init_from):
+                settings = {k: v for k, v in settings.items() if k not in SHAPE_SETTINGS}
+            overrides = {**settings, **overrides}
         sections = {s: dataclasses.asdict(getattr(self, s)) for s in SECTION_OF.values()}
         for key, value in overrides.items():
             name = key.replace("-", "_")

@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from charlstm.checkpoint import Checkpoint, read_checkpoint
-from charlstm.config import DataConfig, ModelConfig, RunConfig
+from charlstm.config import SHAPE_SETTINGS, DataConfig, ModelConfig, RunConfig
 from charlstm.data import BYTES
 from charlstm.errors import CharLSTMError
-from charlstm.presets import PRESETS
-
-# The model settings that decide the weights' shapes; the rest (dropout) may change.
-SHAPE_SETTINGS = ("cell", "embed_dim", "hidden_dim", "n_layers", "head_input")
 
 
 def read_source(config: RunConfig, run_dir: Path) -> Checkpoint:
@@ -44,10 +40,11 @@ def read_source(config: RunConfig, run_dir: Path) -> Checkpoint:
 
 
 def adopt_model(config: RunConfig, source: Checkpoint) -> RunConfig:
-    """``config`` with the model of the checkpoint it starts from (a resumed run: its own,
-    which is the same). Each model setting left at its default takes the source's; a setting
-    of the shape given another value is refused, naming it. A byte model's text is read as
-    bytes unless ``config`` names another encoding (which the corpus then refuses)."""
+    """``config`` with the shape of the model of the checkpoint it starts from (a resumed
+    run: its own, which is the same). Each setting of the shape left at its default takes the
+    source's; one given another value is refused, naming it; dropout is this run's, as every
+    learning setting is. A byte model's text is read as bytes unless ``config`` names another
+    encoding (which the corpus then refuses)."""
     wanted, model = config.model, source.config.model
     default = ModelConfig()
     changed = [
@@ -56,23 +53,17 @@ def adopt_model(config: RunConfig, source: Checkpoint) -> RunConfig:
         if getattr(wanted, name) not in (getattr(default, name), getattr(model, name))
     ]
     if changed:
-        preset = config.train.preset
-        named = ", ".join(
-            f"--{name.replace('_', '-')} {getattr(wanted, name)}"
-            + (f" (from --preset {preset})" if name in PRESETS.get(preset or "", {}) else "")
-            for name in changed
-        )
+        named = ", ".join(f"--{name.replace('_', '-')} {getattr(wanted, name)}" for name in changed)
         raise CharLSTMError(
             f"--init-from {config.train.init_from} keeps the shape of its model "
             f"({describe_shape(model)}), and {named} would change it: leave "
             f"{'it' if len(changed) == 1 else 'them'} out, or train a new model"
         )
-    dropout = model.dropout if wanted.dropout == default.dropout else wanted.dropout
     data = config.data
     if source.vocab.kind == BYTES and data.encoding == DataConfig().encoding:
         data = dataclasses.replace(data, encoding=BYTES)
     adopted = copy.copy(config)  # not dataclasses.replace, which would apply a preset again
-    adopted.model, adopted.data = dataclasses.replace(model, dropout=dropout), data
+    adopted.model, adopted.data = dataclasses.replace(model, dropout=wanted.dropout), data
     return adopted
 
 

@@ -74,20 +74,25 @@ MANY_EPOCHS_DROPOUT = 0.5
 
 def apply_preset(config: RunConfig, settings: dict[str, Any]) -> RunConfig:
     """``config`` with ``settings`` (flat ``name: value``, as in :data:`PRESETS`) written over
-    every setting it leaves at its default; the settings it was given win."""
+    every setting it leaves at its default; the settings it was given win. A fine-tuning run
+    (``init_from``) keeps the shape of its model: its source's."""
     return dataclasses.replace(config, **preset_sections(config, settings))
 
 
 def preset_sections(config: RunConfig, settings: dict[str, Any]) -> dict[str, Any]:
     """Each section of ``config`` with ``settings`` written over its defaults (see
     :func:`apply_preset`)."""
+    from charlstm.config import SHAPE_SETTINGS
+
+    # A fine-tuning run's model has its source's shape, whatever a preset's is.
+    kept = SHAPE_SETTINGS if config.train.init_from else ()
     sections = {}
     for section in dataclasses.fields(config):
         part = getattr(config, section.name)
         fills = {
             f.name: settings[f.name]
             for f in dataclasses.fields(part)
-            if f.name in settings and getattr(part, f.name) == _default(f)
+            if f.name in settings and f.name not in kept and getattr(part, f.name) == _default(f)
         }
         sections[section.name] = dataclasses.replace(part, **fills) if fills else part
     return sections
@@ -99,10 +104,9 @@ def _default(f: dataclasses.Field) -> Any:
 
 def picks_preset(overrides: dict[str, Any]) -> bool:
     """Whether a run given these flat overrides leaves its preset to the machine's speed (see
-    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`, and
-    no model to start from (``init_from``: its shape is the source's)."""
+    :func:`preset_for`): no preset, no step or epoch limit, no :data:`LEARNING_SETTINGS`."""
     given = {key.replace("-", "_") for key in overrides}
-    return not given & {"preset", "max_steps", "max_epochs", "init_from", *LEARNING_SETTINGS}
+    return not given & {"preset", "max_steps", "max_epochs", *LEARNING_SETTINGS}
 
 
 def preset_for(budget_seconds: float, chars_per_second: float) -> str:
