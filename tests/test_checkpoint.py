@@ -414,6 +414,21 @@ def test_a_pickle_is_refused_without_running_it(tmp_path, kind):
     assert not canary.exists()
 
 
+@pytest.mark.parametrize("kind", ["torch-zip", "torch-legacy", "pickle-5"])
+def test_a_pickle_given_for_the_checkpoint_is_refused_without_running_it(tmp_path, kind):
+    # As users of other tools do: `charlstm sample model.pt`, `--init-from ckpt.pt`.
+    canary = tmp_path / "canary"
+    path = tmp_path / "model.pt"
+    path.write_bytes(_pickled(kind, canary))
+    with pytest.raises(CharLSTMError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == (
+        f"{path} is a pickle (torch.save) file, not safetensors; charlstm never unpickles files "
+        "because that can run arbitrary code"
+    )
+    assert not canary.exists()
+
+
 def test_an_old_protocol_pickle_is_refused_without_running_it(tmp_path):
     canary = tmp_path / "canary"
     save(tmp_path / "ck")
@@ -551,7 +566,7 @@ def test_config_json_of_another_program(tmp_path):
         (lambda d: d["config"]["model"].update(hidden_dim="wide"), "wrong type"),
         (lambda d: d["config"]["model"].update(depth=3), "unknown setting"),
         (lambda d: d.pop("vocab"), "vocab"),
-        (lambda d: d["vocab"].update(symbols="ba"), "sorted"),
+        (lambda d: d["vocab"].update(symbols="aa"), "without repeats"),
         (lambda d: d.update(config=[1]), "malformed"),
         (lambda d: d.pop("format_version"), "format_version None"),
         (lambda d: d.update(format_version="1"), "format_version '1'"),

@@ -142,20 +142,16 @@ def test_text_vocab_with_lone_surrogates_is_stored_as_code_points():
         ({"kind": "text", "symbols": [97, 0x110000]}, "the text vocabulary is malformed"),
         ({"kind": "text", "symbols": [True, 98]}, "the text vocabulary is malformed"),
         (
-            {"kind": "text", "symbols": "ba"},
-            "the vocabulary must be non-empty, sorted and without repeats",
-        ),
-        (
             {"kind": "text", "symbols": "aab"},
-            "the vocabulary must be non-empty, sorted and without repeats",
+            "the vocabulary must be non-empty and without repeats",
         ),
         (
             {"kind": "text", "symbols": ""},
-            "the vocabulary must be non-empty, sorted and without repeats",
+            "the vocabulary must be non-empty and without repeats",
         ),
         (
             {"kind": "bytes", "symbols": [3, 3]},
-            "the vocabulary must be non-empty, sorted and without repeats",
+            "the vocabulary must be non-empty and without repeats",
         ),
     ],
 )
@@ -207,6 +203,63 @@ def test_unknown_skip_drops_them():
 def test_unknown_replace_substitutes_space_else_newline_else_first(known, expected):
     vocab = vocab_of(known)
     assert vocab.decode(vocab.encode("aé—bxc", unknown="replace")) == expected
+
+
+# ---- a given vocabulary: a fine-tuned model's ------------------------------------------------
+
+
+def test_an_extended_vocabulary_keeps_every_id_and_round_trips_out_of_order():
+    vocab = vocab_of("abc \n")
+    counts = np.bincount(to_codepoints("cab{é}\n"))
+    assert vocab.unseen(counts) == [ord("{"), ord("}"), ord("é")]
+    grown = vocab.extended(vocab.unseen(counts))
+    assert grown.codepoints[: vocab.size] == vocab.codepoints
+    assert grown.encode("ab c").tolist() == vocab.encode("ab c").tolist()
+    assert grown.encode("{é}").tolist() == [vocab.size, vocab.size + 2, vocab.size + 1]
+    assert grown.decode(grown.encode("a{é} b}")) == "a{é} b}"
+    assert Vocab.from_json(json.loads(json.dumps(grown.to_json()))) == grown
+
+
+def test_a_text_with_symbols_a_given_vocabulary_lacks_is_refused_naming_them(tmp_path):
+    path = tmp_path / "new.txt"
+    path.write_text("abc {é} abc {x}\n" * 20, encoding="utf-8")
+    vocab = vocab_of("abc \n")
+    message = error_of(lambda: load_corpus(DataConfig(data=[str(path)]), vocab=vocab))
+    assert message == (
+        f"{path} holds 4 characters that the model never saw ('x', '{{', '}}', 'é'; 120 in all): "
+        "give --extend-vocab to add them to the model, or --unknown skip to drop them from "
+        "the text"
+    )
+
+
+def test_a_given_vocabulary_is_extended_dropped_from_or_replaced_in_the_text(tmp_path):
+    path = tmp_path / "new.txt"
+    path.write_text("ab {c}\n" * 50, encoding="utf-8")
+    vocab = vocab_of("abc \n")
+    grown = load_corpus(DataConfig(data=[str(path)], extend_vocab=True), vocab=vocab)
+    assert grown.vocab == vocab.extended([ord("{"), ord("}")])
+    assert whole_text(grown) == "ab {c}\n" * 50
+    skipped = load_corpus(DataConfig(data=[str(path)], unknown="skip"), vocab=vocab)
+    assert skipped.vocab == vocab
+    assert whole_text(skipped) == "ab c\n" * 50
+    replaced = load_corpus(DataConfig(data=[str(path)], unknown="replace"), vocab=vocab)
+    assert whole_text(replaced) == "ab  c \n" * 50
+    assert skipped.fingerprint == replaced.fingerprint == grown.fingerprint
+
+
+def test_a_byte_vocabulary_does_not_read_decoded_text_nor_the_other_way(tmp_path):
+    path = tmp_path / "new.txt"
+    path.write_text("abc abc\n" * 10, encoding="utf-8")
+    message = error_of(lambda: load_corpus(DataConfig(data=[str(path)]), vocab=vocab_of(b"abc")))
+    assert (
+        message
+        == f"the model reads raw bytes and {path} is decoded as utf-8: give --encoding bytes"
+    )
+    message = error_of(
+        lambda: load_corpus(DataConfig(data=[str(path)], encoding="bytes"), vocab=vocab_of("abc"))
+    )
+    assert "the model reads text and" in message
+    assert "give a text --encoding such as utf-8" in message
 
 
 @pytest.mark.parametrize(
@@ -742,15 +795,6 @@ def test_given_vocab_is_kept(tmp_path):
     assert corpus.vocab is vocab
     assert corpus.train.tolist() == [3, 1, 3]
     assert corpus.val.tolist() == [1, 3]
-
-
-def test_given_vocab_missing_characters_is_an_error(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("abcé", encoding="utf-8")
-    vocab = Vocab.from_json({"kind": "text", "symbols": "ab"})
-    assert error_of(lambda: load_corpus(DataConfig(data=[str(path)]), vocab=vocab)) == (
-        f"notes contains characters not in the model's vocabulary: 'c', 'é' {UNKNOWN_HINT}"
-    )
 
 
 def test_empty_file_is_an_error(tmp_path):

@@ -12,7 +12,7 @@ from conftest import tiny_net as shared_tiny_net
 
 from charlstm.config import ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN, detach_state, reference_lstm_layer
+from charlstm.model import CharRNN, detach_state, reference_lstm_layer, with_more_ids
 
 CELLS = ("lstm", "gru", "rnn")
 VOCAB = 11
@@ -258,3 +258,27 @@ def test_invalid_shapes_are_refused(changes):
         setattr(config, key, value)
     with pytest.raises(CharLSTMError):
         CharRNN(config, VOCAB)
+
+
+@pytest.mark.parametrize("head_input", ["all", "last"])
+def test_more_ids_keep_every_weight_and_start_as_the_rarest(head_input):
+    torch.manual_seed(3)
+    config = ModelConfig(embed_dim=6, hidden_dim=10, dropout=0.0, head_input=head_input)
+    source = CharRNN(config, VOCAB)
+    weights = {name: t.clone() for name, t in source.state_dict().items()}
+    grown = with_more_ids(weights, VOCAB + 3)
+    for name, tensor in weights.items():  # every weight of the old ids, bit for bit
+        assert torch.equal(grown[name][: tensor.shape[0]], tensor), name
+        if name not in ("embed.weight", "head.weight", "head.bias"):
+            assert torch.equal(grown[name], tensor), name
+    assert torch.equal(grown["embed.weight"][VOCAB:], weights["embed.weight"].mean(0).expand(3, -1))
+    assert not grown["head.weight"][VOCAB:].any()
+    assert torch.equal(grown["head.bias"][VOCAB:], weights["head.bias"].min().expand(3))
+    bigger = CharRNN(config, VOCAB + 3)
+    bigger.load_state_dict(grown)  # the shapes of a network of the larger vocabulary
+    ids = random_ids(2, 5)
+    assert torch.allclose(bigger(ids)[0][..., :VOCAB], source(ids)[0], atol=1e-6)
+    same = with_more_ids(weights, VOCAB)
+    assert all(torch.equal(same[name], tensor) for name, tensor in weights.items())
+    with pytest.raises(ValueError, match="more than"):
+        with_more_ids(weights, VOCAB - 1)

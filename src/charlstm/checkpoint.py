@@ -43,12 +43,13 @@ if TYPE_CHECKING:
     from charlstm.evaluation import EvalResult
 
 FORMAT = "charlstm-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RESUME_TENSORS_FILE = "resume.safetensors"
 RESUME_JSON_FILE = "resume.json"
 FILES_KEY = "files"  # in config.json: each other file's size and SHA-256
+INIT_FROM_KEY = "init_from"  # in config.json of a fine-tuned run: the checkpoint it started from
 # Tensor names in resume.safetensors (charlstm.train_state reads and writes them): the torch
 # and CUDA generators (rank r > 0 of a torchrun run adds ".rankR"), the carried state of the
 # whole batch ("state.0", "state.1": h, c), the optimizer's per-parameter moments
@@ -142,11 +143,18 @@ def write_checkpoint(
 
 
 def run_info(
-    step: int, epoch: float, elapsed: float, val: EvalResult | None, corpus: Corpus
+    step: int,
+    epoch: float,
+    elapsed: float,
+    val: EvalResult | None,
+    corpus: Corpus,
+    origin: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What config.json records of the run at a checkpoint: its step, epoch and clock, its
-    validation score (None for a checkpoint saved on a signal) and the corpus it learnt."""
+    validation score (None for a checkpoint saved on a signal), the corpus it learnt and,
+    for a fine-tuned run, the :func:`origin_info` of the checkpoint it started from."""
     return {
+        **({INIT_FROM_KEY: origin} if origin is not None else {}),
         "step": step,
         "epoch": epoch,
         "elapsed": elapsed,
@@ -157,6 +165,21 @@ def run_info(
             "train_characters": len(corpus.train),
             "val_characters": len(corpus.val),
         },
+    }
+
+
+def origin_info(source: Checkpoint) -> dict[str, Any]:
+    """What a fine-tuned run records of the checkpoint it started from: where it was, the
+    SHA-256 of its weight file (None if it predates those records), its step, corpus,
+    validation score and vocabulary size."""
+    files = source.info.get(FILES_KEY) or {}
+    return {
+        "path": str(source.path.absolute()),
+        "weights_sha256": files.get(WEIGHTS_FILE, {}).get("sha256"),
+        "step": source.info.get("step"),
+        "corpus": source.info.get("corpus"),
+        "val": source.info.get("val"),
+        "vocab_size": source.vocab.size,
     }
 
 
@@ -215,6 +238,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found is not None:
             return found
     if path.is_file():
+        if _starts_like_pickle(path):
+            raise _pickle_refused(path)
         raise CharLSTMError(
             f"{path} is a file; give the checkpoint directory that holds {CONFIG_FILE} "
             f"and {WEIGHTS_FILE}"
@@ -227,6 +252,17 @@ def run_directory_of(path: str | Path) -> Path:
     a lone checkpoint directory is its own."""
     given = Path(path).expanduser().resolve()
     return given.parent if given.name in ("best", "last") else given
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """Whether a file's first bytes are those of a pickle or of torch.save's archive: a
+    PyTorch checkpoint given where a charlstm one belongs. Only those bytes are read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(len(magic) for magic in _PICKLE_MAGIC))
+    except OSError:
+        return False
+    return head.startswith(_PICKLE_MAGIC)
 
 
 def readable_checkpoint(directory: Path) -> Path | None:
@@ -341,7 +377,13 @@ def _version_1_to_2(config: dict[str, Any]) -> None:
     config["session"] = {key: train.pop(key) for key in _SESSION_SETTINGS if key in train}
 
 
-_MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {1: _version_1_to_2}
+def _version_2_to_3(config: dict[str, Any]) -> None:
+    """Version 3 added fine-tuning: ``train.init_from`` and ``data.unknown`` and
+    ``data.extend_vocab``, whose defaults (none, error, off) are what a version 2 run did, and
+    a vocabulary whose appended symbols follow the sorted ones. Nothing to change."""
+
+
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {1: _version_1_to_2, 2: _version_2_to_3}
 
 
 def read_resume_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -431,13 +473,17 @@ def _tensor_header(head: bytes, size: int, path: Path) -> dict[str, Any]:
 
 def _not_safetensors(path: Path, data: bytes, why: str) -> CharLSTMError:
     if data.startswith(_PICKLE_MAGIC):
-        return CharLSTMError(
-            f"{path} is a pickle (torch.save) file, not safetensors; charlstm never unpickles "
-            "files because that can run arbitrary code"
-        )
+        return _pickle_refused(path)
     if not data:
         return CharLSTMError(f"{path} is empty: the checkpoint is damaged")
     return CharLSTMError(f"{path} is not a valid safetensors file ({why})")
+
+
+def _pickle_refused(path: Path) -> CharLSTMError:
+    return CharLSTMError(
+        f"{path} is a pickle (torch.save) file, not safetensors; charlstm never unpickles "
+        "files because that can run arbitrary code"
+    )
 
 
 def _check_weight_header(

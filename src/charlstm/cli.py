@@ -458,8 +458,10 @@ def _serve(args: argparse.Namespace) -> int:
 # ---- plot, compare, inspect -----------------------------------------------------------------
 
 # Train flags that compare sets itself (cell), replaces (time-budget: its own default) or has
-# no use for (no sample is printed).
-_COMPARE_SKIPS = frozenset({"cell", "time_budget", "sample_length"})
+# no use for (no sample is printed; every cell is a new model, not a fine-tuned one).
+_COMPARE_SKIPS = frozenset(
+    {"cell", "time_budget", "sample_length", "init_from", "unknown", "extend_vocab"}
+)
 
 
 def _add_analysis_commands(commands: Any) -> list[argparse.ArgumentParser]:

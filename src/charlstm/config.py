@@ -97,6 +97,10 @@ class ModelConfig:
         return vocab_size * self.embed_dim + recurrent + head
 
 
+# The model settings that decide the shapes of the weights (the others may change freely).
+SHAPE_SETTINGS = ("cell", "embed_dim", "hidden_dim", "n_layers", "head_input")
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it is split."""
@@ -114,9 +118,21 @@ class DataConfig:
     encoding: str = option(
         "utf-8", "text encoding of the files (any Python codec), or 'bytes' to model raw bytes"
     )
+    unknown: str = option(
+        "error",
+        "with --init-from: characters of the text that the model never saw: error, skip them "
+        "(dropped from the text) or replace them (by a space, else a newline)",
+        choices=UNKNOWN_POLICIES,
+    )
+    extend_vocab: bool = option(
+        False,
+        "with --init-from: add the characters of the text that the model never saw to its "
+        "vocabulary, with new embedding and output rows (the others keep their ids and weights)",
+    )
 
     def validate(self) -> None:
         """Raise CharLSTMError for settings that cannot produce a split."""
+        _check_choices(self)
         _check_finite(self)
         _require(len(self.data) > 0, "--data needs at least one file, directory or corpus name")
         if not self.val_data:
@@ -178,6 +194,12 @@ class TrainConfig:
         choices=PRESET_CHOICES,
         essential=True,
         compare=False,  # a run is what its settings are, whichever preset brought them
+    )
+    init_from: str | None = option(
+        None,
+        "fine-tune: start from the weights, model shape and vocabulary of this run directory "
+        "(its best/) or checkpoint, with a fresh optimizer and schedule, in a new run directory",
+        essential=True,
     )
     seed: int = option(
         1337, "random seed: the same seed and settings repeat a CPU run exactly", essential=True
@@ -290,6 +312,18 @@ class RunConfig:
         """Check every section; returns self so calls can be chained."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        data = self.data
+        fitting = "--extend-vocab" if data.extend_vocab else f"--unknown {data.unknown}"
+        _require(
+            bool(self.train.init_from) or (data.unknown == "error" and not data.extend_vocab),
+            f"{fitting} fits a text to the vocabulary of a model that training starts from: "
+            "give --init-from RUN_DIR too",
+        )
+        _require(
+            not (data.extend_vocab and data.unknown != "error"),
+            f"--extend-vocab adds the characters the model never saw and --unknown "
+            f"{data.unknown} removes them: give one of them",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,10 +357,15 @@ class RunConfig:
         """A copy with flat ``field: value`` overrides applied to whichever section owns each.
 
         A ``preset`` among them applies its settings first; the other overrides win over it.
+        A fine-tuning run (``init_from``) keeps the shape of its model: its source's.
         """
-        preset = {key.replace("-", "_"): value for key, value in overrides.items()}.get("preset")
+        given = {key.replace("-", "_"): value for key, value in overrides.items()}
+        preset = given.get("preset")
         if preset in PRESETS:
-            overrides = {**PRESETS[preset], **overrides}
+            settings = PRESETS[preset]
+            if given.get("init_from", self.train.init_from):
+                settings = {k: v for k, v in settings.items() if k not in SHAPE_SETTINGS}
+            overrides = {**settings, **overrides}
         sections = {s: dataclasses.asdict(getattr(self, s)) for s in SECTION_OF.values()}
         for key, value in overrides.items():
             name = key.replace("-", "_")

@@ -65,7 +65,9 @@ _stdin_read: list[tuple[BinaryIO, Path]] = []
 
 @dataclass(frozen=True)
 class Vocab:
-    """The sorted symbols a model knows: Unicode code points, or byte values for byte models."""
+    """The symbols a model knows, in the order of their ids: Unicode code points, or byte
+    values for byte models. A corpus's own vocabulary is sorted; one extended for fine-tuning
+    (:meth:`extended`) has the new symbols after the old ones, which keep their ids."""
 
     kind: str  # "text" or "bytes"
     codepoints: tuple[int, ...]
@@ -148,14 +150,24 @@ class Vocab:
             raise CharLSTMError(
                 f"the {'byte' if kind == BYTES else 'text'} vocabulary is malformed"
             )
-        if list(codepoints) != sorted(set(codepoints)) or not codepoints:
-            raise CharLSTMError("the vocabulary must be non-empty, sorted and without repeats")
+        if len(set(codepoints)) != len(codepoints) or not codepoints:
+            raise CharLSTMError("the vocabulary must be non-empty and without repeats")
         return cls(kind, codepoints)
 
     @classmethod
     def from_counts(cls, kind: str, counts: np.ndarray) -> Vocab:
         """The vocabulary of every symbol with a non-zero count."""
         return cls(kind, tuple(np.flatnonzero(counts).tolist()))
+
+    def unseen(self, counts: np.ndarray) -> list[int]:
+        """The symbols with a non-zero count in ``counts`` (indexed by symbol) that this
+        vocabulary lacks, in ascending order."""
+        present = np.flatnonzero(counts)
+        return present[self._lookup()[present] < 0].tolist()
+
+    def extended(self, symbols: Iterable[int]) -> Vocab:
+        """This vocabulary with ``symbols`` appended: every symbol it holds keeps its id."""
+        return Vocab(self.kind, (*self.codepoints, *symbols))
 
     def _lookup(self) -> np.ndarray:
         cached = self.__dict__.get("_table")
@@ -743,9 +755,12 @@ def load_corpus(
     """Read, encode and split the corpus that ``config`` names.
 
     The vocabulary is that of the training and validation text together, unless ``vocab`` is
-    given (a resumed run keeps its checkpoint's vocabulary). ``-`` among the files is standard
-    input, copied first to :func:`stdin_copy` (said on stderr); ``stdin`` names a file to read
-    for it instead, such as that copy when a run is resumed or evaluated later.
+    given (a resumed run keeps its checkpoint's vocabulary, a fine-tuned one its source's).
+    Symbols of the text that a given vocabulary lacks are refused, naming them, unless
+    ``config.extend_vocab`` appends them to it or ``config.unknown`` drops (``skip``) or
+    replaces them (``replace``). ``-`` among the files is standard input, copied first to
+    :func:`stdin_copy` (said on stderr); ``stdin`` names a file to read for it instead, such
+    as that copy when a run is resumed or evaluated later.
     """
     fresh = False  # whether stdin is a new copy of standard input, to keep if it can be used
     if stdin is None and STDIN in (*config.data, *config.val_data):
@@ -758,6 +773,7 @@ def load_corpus(
         if vocab is None:
             vocab = Vocab.from_counts(BYTES if groups[0].encoding == BYTES else "text", counts)
         _check_learnable(groups[0], vocab, lengths[0])
+        reading = _reading_vocab(config, groups, vocab, counts)
     except BaseException:
         if fresh and stdin is not None:  # a text that cannot be used is not kept
             stdin.unlink(missing_ok=True)
@@ -767,11 +783,15 @@ def load_corpus(
         groups = _resolve_groups(config, stdin)
         _cache_scan(groups, fingerprint, counts, lengths)
     train_sources = groups[0]
-    encoded = [_encode_group(g, vocab, n) for g, n in zip(groups, lengths, strict=True)]
+    encoded = [_encode_group(g, reading, n) for g, n in zip(groups, lengths, strict=True)]
     if len(groups) > 1:
         train, val = encoded
     else:
         train, val = _split(encoded[0], train_sources.split, config.val_fraction)
+    if config.extend_vocab:
+        vocab = reading
+    elif reading is not vocab:  # the symbols appended to read the text go again
+        train, val = (_without_unseen(ids, vocab, config.unknown) for ids in (train, val))
     copy = stdin if STDIN in (*config.data, *config.val_data) else None
     return Corpus(train_sources.name, vocab, train, val, fingerprint, copy)
 
@@ -873,10 +893,54 @@ def _cache_scan(
                 os.unlink(tmp)
 
 
+def _reading_vocab(
+    config: DataConfig, groups: list[Sources], vocab: Vocab, counts: np.ndarray
+) -> Vocab:
+    """The vocabulary that encodes the text: ``vocab``, with the symbols of the text that it
+    lacks appended when ``config`` says what to do with them, else refused naming them."""
+    where = _named_files([path for group in groups for path in group.paths])
+    encoding = groups[0].encoding
+    if vocab.kind == BYTES and encoding != BYTES:
+        raise CharLSTMError(
+            f"the model reads raw bytes and {where} is decoded as {encoding}: give --encoding bytes"
+        )
+    if vocab.kind != BYTES and encoding == BYTES:
+        raise CharLSTMError(
+            f"the model reads text and {where} is read as raw bytes: give a text --encoding "
+            "such as utf-8"
+        )
+    unseen = vocab.unseen(counts)
+    if not unseen:
+        return vocab
+    if config.unknown == "error" and not config.extend_vocab:
+        noun = "bytes" if vocab.kind == BYTES else "characters"
+        shown = ", ".join(vocab._describe(c) for c in unseen[:20])
+        raise CharLSTMError(
+            f"{where} holds {len(unseen)} {noun} "
+            f"that the model never saw ({shown}{', ...' if len(unseen) > 20 else ''}; "
+            f"{int(counts[unseen].sum()):,} in all): give --extend-vocab to add them to the "
+            f"model, or --unknown skip to drop them from the text"
+        )
+    return vocab.extended(unseen)
+
+
+def _without_unseen(ids: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
+    """Ids read with symbols appended to ``vocab``, those symbols dropped (``skip``) or
+    replaced by the vocabulary's stand-in (``replace``). A copy in memory, even of a
+    memory-mapped corpus."""
+    appended = ids >= vocab.size
+    if unknown == "skip":
+        return ids[~appended].astype(vocab.dtype)
+    return np.where(appended, vocab._replacement_id(), ids).astype(vocab.dtype)
+
+
+def _named_files(paths: list[Path]) -> str:
+    """How a message names the files of a text: the first three, then "..." for the rest."""
+    return ", ".join(_where(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+
+
 def _check_learnable(sources: Sources, vocab: Vocab, length: int) -> None:
-    where = ", ".join(_where(p) for p in sources.paths[:3]) + (
-        " ..." if len(sources.paths) > 3 else ""
-    )
+    where = _named_files(list(sources.paths))
     if length == 0:
         raise CharLSTMError(f"the training text is empty ({where}); give it some text to learn")
     if vocab.size < 2:

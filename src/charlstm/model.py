@@ -124,6 +124,23 @@ def weight_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, 
     return {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
+def with_more_ids(weights: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """A :class:`CharRNN`'s weights for ``vocab_size`` ids, the ids it has keeping theirs bit
+    for bit. Each new id's embedding is the mean of the others (an input like an average
+    one); its output row is zero and its bias the lowest of the others, so that it starts as
+    unlikely as the rarest id the network knows and learns from there."""
+    embed, head, bias = weights["embed.weight"], weights["head.weight"], weights["head.bias"]
+    added = vocab_size - embed.shape[0]
+    if added < 0:
+        raise ValueError(f"the weights have {embed.shape[0]} ids, more than {vocab_size}")
+    return {
+        **weights,
+        "embed.weight": torch.cat([embed, embed.mean(0, keepdim=True).expand(added, -1)]),
+        "head.weight": torch.cat([head, head.new_zeros(added, head.shape[1])]),
+        "head.bias": torch.cat([bias, bias.min().expand(added)]),
+    }
+
+
 def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1 / (1 - p); the mask
     comes from ``generator`` (the global generator if None)."""

@@ -74,20 +74,25 @@ MANY_EPOCHS_DROPOUT = 0.5
 
 def apply_preset(config: RunConfig, settings: dict[str, Any]) -> RunConfig:
     """``config`` with ``settings`` (flat ``name: value``, as in :data:`PRESETS`) written over
-    every setting it leaves at its default; the settings it was given win."""
+    every setting it leaves at its default; the settings it was given win. A fine-tuning run
+    (``init_from``) keeps the shape of its model: its source's."""
     return dataclasses.replace(config, **preset_sections(config, settings))
 
 
 def preset_sections(config: RunConfig, settings: dict[str, Any]) -> dict[str, Any]:
     """Each section of ``config`` with ``settings`` written over its defaults (see
     :func:`apply_preset`)."""
+    from charlstm.config import SHAPE_SETTINGS
+
+    # A fine-tuning run's model has its source's shape, whatever a preset's is.
+    kept = SHAPE_SETTINGS if config.train.init_from else ()
     sections = {}
     for section in dataclasses.fields(config):
         part = getattr(config, section.name)
         fills = {
             f.name: settings[f.name]
             for f in dataclasses.fields(part)
-            if f.name in settings and getattr(part, f.name) == _default(f)
+            if f.name in settings and f.name not in kept and getattr(part, f.name) == _default(f)
         }
         sections[section.name] = dataclasses.replace(part, **fills) if fills else part
     return sections

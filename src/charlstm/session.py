@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,9 +36,10 @@ class TrainingSession:
 
     def __init__(
         self, trainer: Trainer, corpus: Corpus, run_dir: Path, started: float, *,
-        progress: bool = True, quiet: bool = False,
+        progress: bool = True, quiet: bool = False, origin: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.trainer, self.corpus, self.run_dir = trainer, corpus, run_dir
+        self.origin = origin  # what a fine-tuning run started from, recorded in its checkpoints
         self.sc = trainer.config.session
         self.world = trainer.world
         self.started, self.elapsed_before = started, 0.0  # earlier sessions of a resumed run
@@ -230,7 +232,7 @@ class TrainingSession:
     def _save(self, directory: Path, val: EvalResult | None, with_resume_state: bool) -> None:
         trainer = self.trainer
         info = run_info(trainer.step_count, trainer.batcher.epochs_done, self.elapsed(), val,
-                        self.corpus)  # fmt: skip
+                        self.corpus, self.origin)  # fmt: skip
         resume = None
         if with_resume_state:
             window = self.log_window[:2]

@@ -25,15 +25,22 @@ import torch
 
 from charlstm import distributed
 from charlstm.budget import format_seconds
-from charlstm.checkpoint import Checkpoint, read_checkpoint, recover_checkpoint
+from charlstm.checkpoint import (
+    INIT_FROM_KEY,
+    Checkpoint,
+    origin_info,
+    read_checkpoint,
+    recover_checkpoint,
+)
 from charlstm.config import RunConfig
 from charlstm.data import Corpus, Vocab, load_corpus, resume_stdin
 from charlstm.device import keep_freed_memory, resolve_device, synchronize
 from charlstm.distributed import World
 from charlstm.errors import CharLSTMError
 from charlstm.evaluation import EvalResult
+from charlstm.finetune import adopt_model, describe_origin, read_source
 from charlstm.lm import CharLM
-from charlstm.model import CharRNN
+from charlstm.model import CharRNN, with_more_ids
 from charlstm.presets import AUTO, PRESETS, apply_preset, choose_preset
 from charlstm.run_dir import (
     check_new_run_dir,
@@ -111,6 +118,14 @@ def _train_locked(
     if resume_from is None:
         world.on_main(check_new_run_dir, config, run_dir)
     saved = read_checkpoint(resume_from) if resume_from else None
+    source: Checkpoint | None = None  # what a fresh fine-tuning run starts from
+    origin = saved.info.get(INIT_FROM_KEY) if saved else None
+    if config.train.init_from:
+        if saved is None:
+            source = read_source(config, run_dir)
+            origin = origin_info(source)
+        # Resumed, the run's own model: the shape it took from its source.
+        config = adopt_model(config, saved or source)
     if saved is not None:
         changed = check_resume_compatible(saved.config, config)
         if changed and world.is_main and not quiet:
@@ -118,14 +133,18 @@ def _train_locked(
     device = world.place(resolve_device(config.session.device))
     if device.type == "cpu":
         keep_freed_memory()
-    corpus = _read_corpus(config, saved, run_dir, world)
+    corpus = _read_corpus(config, saved, run_dir, world, source.vocab if source else None)
     config, train_speed = _settle_preset(config, corpus, world, saved is None, say=not quiet)
     torch.manual_seed(config.train.seed)
     net = CharRNN(config.model, corpus.vocab.size).to(device)
+    if source is not None:
+        net.load_state_dict(with_more_ids(source.weights, corpus.vocab.size))
     if world.rank:  # the same initial weights everywhere, but each process its own dropout
         torch.manual_seed(distributed.rank_seed(config.train.seed, world.rank))
     trainer = Trainer(config, corpus, net, device, world)
-    session = TrainingSession(trainer, corpus, run_dir, started, progress=progress, quiet=quiet)
+    session = TrainingSession(
+        trainer, corpus, run_dir, started, progress=progress, quiet=quiet, origin=origin
+    )
     try:
         # May refuse the budget: before any file is touched.
         session.validation.plan_evaluation(train_speed, _chars_per_step(config), session.elapsed())
@@ -145,10 +164,11 @@ def _train_locked(
 
 
 def _read_corpus(
-    config: RunConfig, saved: Checkpoint | None, run_dir: Path, world: World
+    config: RunConfig, saved: Checkpoint | None, run_dir: Path, world: World, start: Vocab | None
 ) -> Corpus:
-    """The run's corpus (a resumed run's own vocabulary and text), with a validation split."""
-    vocab = saved.vocab if saved else None
+    """The run's corpus (a resumed run's own vocabulary and text, a fine-tuning run's text in
+    the vocabulary ``start`` of its source), with a validation split."""
+    vocab = saved.vocab if saved else start
     stdin = None  # a run trained on standard input reads its kept copy when none is piped in
     fingerprint = saved.info.get("corpus", {}).get("fingerprint") if saved else None
     if saved is not None:
@@ -277,6 +297,7 @@ def _announcement(session: TrainingSession, corpus: Corpus) -> str:
         f"{trainer.net.num_parameters():,} parameters",
         f"training on {trainer.device} in {precision}, batch {tc.batch_size} x {tc.seq_len} "
         f"({tc.batching}), stopping at {' or '.join(limits)}",
+        *([describe_origin(session.origin, corpus.vocab.size)] if session.origin else []),
         f"run directory: {session.run_dir}",
         f"set-up: {session.elapsed() - session.elapsed_before:.1f}s (reading the corpus"
         + (", measuring speeds)" if session.validation.plan else ")"),
