@@ -25,6 +25,22 @@ import charlstm
 from charlstm.corpora import fetch_builtin
 from charlstm.model import CharRNN
 
+# The test files that take longest, longest first: pytest-xdist hands out whole files in
+# collection order, and a long file handed out last would keep one worker busy alone.
+LONGEST_FILES = (
+    "test_cli.py", "test_training.py", "test_train_crash.py", "test_distributed.py",
+    "test_budget.py", "test_sample_cli.py", "test_stdin.py", "test_server.py",
+    "test_finetune.py", "test_bad_input.py", "test_runlock.py", "test_fused_lstm.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def session_data_dir(tmp_path_factory) -> Path:

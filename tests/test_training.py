@@ -334,7 +334,7 @@ def test_auto_preset_picks_for_this_machine_and_corpus_and_records_its_choice(tm
     # Small batches: the fewest steps a budget must train fit on a loaded machine too.
     config = charlstm.RunConfig().with_overrides(
         {"data": [str(data)], "out": str(tmp_path / "run"), "preset": "auto",
-         "time_budget": "20s", "batch_size": 8, "device": "cpu", "sample_length": 0}
+         "time_budget": "12s", "batch_size": 2, "device": "cpu", "sample_length": 0}
     )  # fmt: skip
     result = charlstm.train(config, progress=False)
     err = capsys.readouterr().err
@@ -344,13 +344,14 @@ def test_auto_preset_picks_for_this_machine_and_corpus_and_records_its_choice(tm
     # A small text read many times gets strong dropout; the preset's other settings are kept.
     many = float(line[1]) > MANY_EPOCHS
     assert result.config.model.dropout == (MANY_EPOCHS_DROPOUT if many else 0.0)
-    assert result.config.train.batch_size == 8 and result.config.session.time_budget == "20s"
+    assert result.config.train.batch_size == 2 and result.config.session.time_budget == "12s"
     saved = checkpoint_info(tmp_path / "run" / "best")["config"]
     assert RunConfig.from_dict(saved) == result.config and saved["train"]["preset"] == picked
     assert saved["model"]["hidden_dim"] == PRESETS[picked].get("hidden_dim", 256)
     # Resuming keeps the choice: nothing is measured or picked again.
-    again = RunConfig.from_dict(saved).with_overrides({"resume": str(result.run_dir),
-                                                       "time_budget": "25s"})  # fmt: skip
+    again = RunConfig.from_dict(saved).with_overrides(
+        {"resume": str(result.run_dir), "time_budget": None, "max_steps": result.steps + 2}
+    )
     charlstm.train(again, progress=False)
     assert "this machine trains" not in capsys.readouterr().err
 
