@@ -141,8 +141,8 @@ def test_the_default_command_trains_on_more_than_256_distinct_characters(tmp_pat
     data.write_text("\n".join(lines), encoding="utf-8")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charlstm", "train", "--data", str(data), "--time-budget",
-               "9s", "--hidden-dim", "64", "--embed-dim", "16", "--out", str(out),
-               "--sample-length", "20"]  # fmt: skip
+               "12s", "--hidden-dim", "64", "--embed-dim", "16", "--batch-size", "16",
+               "--out", str(out), "--sample-length", "20"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "vocabulary of 301" in done.stderr  # 300 symbols and the newline
