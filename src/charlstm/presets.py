@@ -134,12 +134,14 @@ class PresetChoice:
 def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
     """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
     and its regularisation fitted to how many times the budget reads a corpus of
-    ``train_chars`` characters. Its ``settings`` include the preset's own."""
+    ``train_chars`` characters. Its ``settings`` include the preset's own but its budget: the
+    run keeps the budget it was given, which chose the preset."""
     from charlstm.config import ModelConfig, SessionConfig, TrainConfig
 
     name = preset_for(budget_seconds, chars_per_second)
     epochs = budget_seconds * chars_per_second / max(train_chars, 1)
-    settings: dict[str, Any] = {**PRESETS[name], "preset": name}
+    own = {key: value for key, value in PRESETS[name].items() if key != "time_budget"}
+    settings: dict[str, Any] = {**own, "preset": name}
     fitted = []
     if epochs > MANY_EPOCHS:
         dropout = settings.get("dropout", ModelConfig.dropout)
