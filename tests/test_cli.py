@@ -166,6 +166,22 @@ def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
 
 
 @pytest.mark.slow
+def test_the_default_command_keeps_its_5_minute_budget_whatever_preset_it_picks(
+    shakespeare_200k, isolated_data_dir, tmp_path
+):
+    command = [sys.executable, "-m", "charlstm", "train", "--data", str(shakespeare_200k),
+               "--out", str(tmp_path / "run")]  # fmt: skip
+    with subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                          env=cli_env(isolated_data_dir), cwd=tmp_path) as process:  # fmt: skip
+        banner = [process.stderr.readline()]
+        while banner[-1] and not banner[-1].startswith(("training on", "error")):
+            banner.append(process.stderr.readline())  # "" once the process has ended
+        process.kill()
+    assert any(line.startswith("preset ") for line in banner), banner
+    assert banner[-1].endswith("stopping at 5m00s\n"), banner
+
+
+@pytest.mark.slow
 def test_train_on_a_text_without_newlines_still_prints_its_sample(
     shakespeare_200k, isolated_data_dir, tmp_path
 ):

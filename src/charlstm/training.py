@@ -32,7 +32,7 @@ from charlstm.checkpoint import (
     read_checkpoint,
     recover_checkpoint,
 )
-from charlstm.config import RunConfig
+from charlstm.config import DEFAULT_TIME_BUDGET, RunConfig
 from charlstm.data import Corpus, Vocab, load_corpus, resume_stdin
 from charlstm.device import keep_freed_memory, resolve_device, synchronize
 from charlstm.distributed import World
@@ -200,7 +200,12 @@ def _settle_preset(
     if config.train.preset != AUTO or not fresh:
         measured = budget and fresh and world.size == 1
         return config, measure_speed(config, corpus.vocab.size) if measured else None
-    defaults = dataclasses.replace(config, train=dataclasses.replace(config.train, preset=None))
+    # The budget that picks the preset is written down, so that no preset's own budget fills it.
+    session = config.session
+    if budget is not None and session.time_budget is None:
+        session = dataclasses.replace(session, time_budget=DEFAULT_TIME_BUDGET)
+    train = dataclasses.replace(config.train, preset=None)
+    defaults = dataclasses.replace(config, train=train, session=session)
     if world.size > 1 or budget is None:  # processes must agree: the default settings
         return _named(defaults, "5m"), None
     speed = measure_speed(defaults, corpus.vocab.size)
