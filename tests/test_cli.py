@@ -26,9 +26,10 @@ import charlstm
 def run_many(
     commands: Sequence[Sequence[object]], data_dir: Path, cwd: Path
 ) -> list[subprocess.CompletedProcess]:
-    """Independent commands run concurrently, results in order."""
+    """Independent commands run concurrently, results in order, each on one thread: side by
+    side, more would fight over the cores."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return list(pool.map(lambda args: run_cli(args, data_dir, cwd), commands))
+        return list(pool.map(lambda args: run_cli(args, data_dir, cwd, threads=1), commands))
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from charlstm.budget import PERIODIC_EVAL_SHARE
 from charlstm.config import RunConfig, TrainConfig, parse_duration
 from charlstm.errors import CharLSTMError
 from charlstm.presets import (
@@ -100,13 +101,38 @@ def test_choose_preset_fits_regularisation_to_how_often_the_budget_reads_the_tex
     config = RunConfig().with_overrides(choice.settings).validate()
     steps = seconds * PRESET_MACHINE_SPEED / (config.train.batch_size * config.train.seq_len)
     as_preset = RunConfig().with_overrides({"preset": preset}).session.eval_every
-    if epochs > SEVERAL_EPOCHS:  # at least ten evaluations in the run, so best/ keeps the best
-        often = round(steps / SEVERAL_EPOCHS_EVALUATIONS)
+    # Ten evaluations in the run, so best/ keeps the best; fewer where their saves would take
+    # more than their share of the budget (three in a minute).
+    evaluations = min(SEVERAL_EPOCHS_EVALUATIONS, int(seconds * PERIODIC_EVAL_SHARE))
+    if epochs > SEVERAL_EPOCHS:
+        often = round(steps / evaluations)
         assert config.session.eval_every == min(often, as_preset)
         if often < as_preset:
             assert f"an evaluation every {often} steps" in choice.reason
     else:
         assert config.session.eval_every == as_preset
+
+
+def test_choose_preset_fits_evaluations_to_the_runs_batch_and_keeps_its_own_eval_every():
+    # 20 times over 1,000 characters in 5 minutes: evaluations keep the best weights.
+    seconds, speed, train_chars = 300.0, 1000.0 / 15, 1_000
+    small = RunConfig().with_overrides({"batch_size": 2, "seq_len": 50})
+    choice = choose_preset(seconds, speed, train_chars, small)
+    steps = seconds * speed / (2 * 50)  # 200 steps of this run's batches, not the default's
+    assert choice.settings["eval_every"] == round(steps / SEVERAL_EPOCHS_EVALUATIONS) == 20
+    assert "an evaluation every 20 steps" in choice.reason
+    # An eval_every the run was given is its own: nothing is fitted over it.
+    given = small.with_overrides({"eval_every": 7})
+    choice = choose_preset(seconds, speed, train_chars, given)
+    assert choice.settings.get("eval_every") == PRESETS[choice.name].get("eval_every")
+    assert "evaluation every" not in choice.reason
+    assert apply_preset(given, choice.settings).session.eval_every == 7
+    # A budget too short for two evaluations with their saves in their share keeps the closing
+    # one alone, however often it reads the text.
+    short = 1 / PERIODIC_EVAL_SHARE * 1.9
+    choice = choose_preset(short, speed * seconds / short, train_chars, small)
+    assert choice.settings.get("eval_every") == PRESETS[choice.name].get("eval_every")
+    assert "evaluation every" not in choice.reason
 
 
 def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():

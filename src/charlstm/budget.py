@@ -22,6 +22,9 @@ MIN_STEPS = 50
 FINAL_EVAL_SHARE = 0.1
 # All periodic evaluations of a run together aim at this share of the budget.
 PERIODIC_EVAL_SHARE = 0.05
+# Saving checkpoints and redrawing the curves after an evaluation takes at least this long, as
+# far as anything is known before the first save was timed.
+SAVE_OVERHEAD_SECONDS = 1.0
 # A periodic slice is at least this long (or the whole split), so its loss is not noise.
 MIN_SLICE = 16_384
 # Scoring primes each of up to this many segments with this many unscored characters.

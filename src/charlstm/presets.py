@@ -63,9 +63,10 @@ LEARNING_SETTINGS = frozenset(
 )
 
 # Passes over the training text that a budget reads above which the best weights may come
-# before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times to keep them in
-# best/; and above which a preset's network memorises the text part-way through the run unless
-# regularised harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
+# before the end, so the run evaluates about SEVERAL_EPOCHS_EVALUATIONS times (fewer when their
+# saves would take more than their share of a short budget) to keep them in best/; and above
+# which a preset's network memorises the text part-way through the run unless regularised
+# harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
 SEVERAL_EPOCHS = 6.0
 SEVERAL_EPOCHS_EVALUATIONS = 10
 MANY_EPOCHS = 30.0
@@ -131,13 +132,22 @@ class PresetChoice:
     reason: str
 
 
-def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: int) -> PresetChoice:
+def choose_preset(
+    budget_seconds: float,
+    chars_per_second: float,
+    train_chars: int,
+    config: RunConfig | None = None,
+) -> PresetChoice:
     """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
     and its regularisation fitted to how many times the budget reads a corpus of
-    ``train_chars`` characters. Its ``settings`` include the preset's own but its budget: the
-    run keeps the budget it was given, which chose the preset."""
-    from charlstm.config import ModelConfig, SessionConfig, TrainConfig
+    ``train_chars`` characters. ``config`` is the configuration the preset will be applied to
+    (default: the defaults): the batch it sets decides how many steps the budget trains, and an
+    ``eval_every`` it sets is kept. The ``settings`` include the preset's own but its budget:
+    the run keeps the budget it was given, which chose the preset."""
+    from charlstm.budget import PERIODIC_EVAL_SHARE, SAVE_OVERHEAD_SECONDS
+    from charlstm.config import ModelConfig, RunConfig, SessionConfig
 
+    config = RunConfig() if config is None else config
     name = preset_for(budget_seconds, chars_per_second)
     epochs = budget_seconds * chars_per_second / max(train_chars, 1)
     own = {key: value for key, value in PRESETS[name].items() if key != "time_budget"}
@@ -147,12 +157,14 @@ def choose_preset(budget_seconds: float, chars_per_second: float, train_chars: i
         dropout = settings.get("dropout", ModelConfig.dropout)
         settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
         fitted.append(f"dropout {settings['dropout']:g}: a small text read many times is memorised")
-    if epochs > SEVERAL_EPOCHS:
-        chars_per_step = settings.get("batch_size", TrainConfig.batch_size) * settings.get(
-            "seq_len", TrainConfig.seq_len
-        )
-        often = max(1, round(budget_seconds * chars_per_second / chars_per_step
-                             / SEVERAL_EPOCHS_EVALUATIONS))  # fmt: skip
+    # Each evaluation also saves checkpoints: together they keep to their share of the budget.
+    affordable = int(PERIODIC_EVAL_SHARE * budget_seconds / SAVE_OVERHEAD_SECONDS)
+    evaluations = min(SEVERAL_EPOCHS_EVALUATIONS, affordable)
+    evaluates_at_will = config.session.eval_every == SessionConfig.eval_every
+    if epochs > SEVERAL_EPOCHS and evaluations >= 2 and evaluates_at_will:
+        train = apply_preset(config, settings).train
+        steps = budget_seconds * chars_per_second / (train.batch_size * train.seq_len)
+        often = max(1, round(steps / evaluations))
         if often < settings.get("eval_every", SessionConfig.eval_every):
             settings["eval_every"] = often
             fitted.append(f"an evaluation every {often} steps, so best/ keeps the best weights")

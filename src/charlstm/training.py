@@ -209,7 +209,7 @@ def _settle_preset(
     if world.size > 1 or budget is None:  # processes must agree: the default settings
         return _named(defaults, "5m"), None
     speed = measure_speed(defaults, corpus.vocab.size)
-    choice = choose_preset(budget, speed, len(corpus.train))
+    choice = choose_preset(budget, speed, len(corpus.train), defaults)
     if say and world.is_main:
         print(
             f"preset {choice.name}: {choice.reason} (--preset chooses one yourself)",

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from charlstm import distributed
-from charlstm.budget import BudgetPlan, check_budget, plan_budget
+from charlstm.budget import SAVE_OVERHEAD_SECONDS, BudgetPlan, check_budget, plan_budget
 from charlstm.checkpoint import read_checkpoint, write_checkpoint
 from charlstm.config import RunConfig
 from charlstm.data import Corpus
@@ -87,7 +87,8 @@ class Validation:
         """Seconds to save checkpoints and redraw the curves: measured once there was a save."""
         if self.last_save_seconds is not None:
             return self.last_save_seconds
-        return 1.0 + _SAVE_BYTES_PER_PARAMETER * self.net.num_parameters() / _ASSUMED_DISK_SPEED
+        written = _SAVE_BYTES_PER_PARAMETER * self.net.num_parameters()
+        return SAVE_OVERHEAD_SECONDS + written / _ASSUMED_DISK_SPEED
 
     def score(self, chars: int | None, should_stop: Callable[[], bool] | None) -> EvalResult:
         """The network's loss on the first ``chars`` validation characters (None: all).
