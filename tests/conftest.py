@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+from cli_forkserver import ForkServer
 
 import charlstm
 from charlstm.corpora import fetch_builtin
@@ -220,6 +222,10 @@ def cli_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+_FORK_SERVERS: dict[int | None, ForkServer] = {}
+_FORK_SERVERS_LOCK = threading.Lock()
+
+
 def run_cli(
     args: Sequence[object],
     data_dir: Path,
@@ -229,19 +235,30 @@ def run_cli(
     threads: int | None = None,
     input: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """``charlstm ARGS`` in a fresh process (or ``python -c PYTHON ARGS``, for a script that
-    changes something first and then runs the command's ``main``). ``threads`` sets
+    """``charlstm ARGS`` in a process of its own, forked from one that has imported PyTorch
+    already (:mod:`cli_forkserver`), or ``python -c PYTHON ARGS`` in a fresh interpreter, for a
+    script that changes something first and then runs the command's ``main``. ``threads`` sets
     OMP_NUM_THREADS (1: as in the modules that use :func:`one_thread`); ``input`` is piped to
     standard input, which is otherwise /dev/null (nothing to read, and not a pipe)."""
-    command = ["-c", python] if python else ["-m", "charlstm"]
     env = cli_env(data_dir)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    if python is None:
+        with _FORK_SERVERS_LOCK:
+            if threads not in _FORK_SERVERS:
+                _FORK_SERVERS[threads] = ForkServer(threads)
+            server = _FORK_SERVERS[threads]
+        return server.run(list(map(str, args)), env, cwd, input, CLI_TIMEOUT)
     return subprocess.run(
-        [sys.executable, *command, *map(str, args)],
+        [sys.executable, "-c", python, *map(str, args)],
         input=input, stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True, text=True, encoding="utf-8", env=env, cwd=cwd, timeout=CLI_TIMEOUT,
     )  # fmt: skip
+
+
+def pytest_sessionfinish() -> None:
+    for server in _FORK_SERVERS.values():
+        server.close()
 
 
 def refused(result: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:

@@ -52,6 +52,36 @@ def test_version(isolated_data_dir, tmp_path):
     assert result.stdout == f"charlstm {charlstm.__version__}\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "input"),
+    [(["sample", "{run}", "--length", "40", "--seed", "3", "--prompt-file", "-"], "To be\n"),
+     (["sample", "{run}", "--top-p", "2"], None),
+     (["eval", "{run}", "--data", "-"], "héllo"),
+     (["eval", "{run}", "--data", "-", "--unknown", "skip"], "héllo wörld\r\n" * 20),
+     (["plot", "{run}", "--out", "{tmp}/curves.png"], None)],
+    ids=["sample-from-stdin", "refused", "unknown-characters", "eval-from-stdin", "plot"],
+)  # fmt: skip
+def test_run_cli_gives_what_a_fresh_interpreter_gives(
+    args, input, trained_run, isolated_data_dir, tmp_path
+):
+    # run_cli forks commands from a server that imported torch already (cli_forkserver.py):
+    # what they print, in which encoding and newlines, and their exit status are a fresh
+    # `python -m charlstm`'s.
+    args = [arg.format(run=trained_run, tmp=tmp_path) for arg in args]
+    forked = run_cli(args, isolated_data_dir, tmp_path, input=input)
+    fresh = subprocess.run(
+        [sys.executable, "-m", "charlstm", *args], input=input,
+        stdin=subprocess.DEVNULL if input is None else None, capture_output=True, text=True,
+        encoding="utf-8", env=cli_env(isolated_data_dir), cwd=tmp_path, timeout=CLI_TIMEOUT,
+    )  # fmt: skip
+
+    def output(result: subprocess.CompletedProcess) -> tuple[int, str, str]:
+        speeds = re.sub(r"[\d.]+char/s", "<speed>", result.stderr)  # eval's progress
+        return result.returncode, result.stdout, speeds
+
+    assert output(forked) == output(fresh)
+
+
 # Each argv, then whether torch had loaded when it returned, one line per command on stderr.
 WITHOUT_TORCH = """
 import sys
@@ -136,11 +166,12 @@ def test_train_without_a_preset_picks_the_one_for_its_budget_at_this_speed(
     # times faster: the 1m preset, with the budget, evaluation and precision flags given kept (and
     # batches small enough that the two runs side by side train more than the fewest steps a
     # budget must, on a loaded machine too).
-    common = ["train", "--data", shakespeare_200k, "--time-budget", "12s", "--device", "cpu",
-              "--precision", "fp32", "--sample-length", "0", "--batch-size", "2"]  # fmt: skip
+    common = ["train", "--data", shakespeare_200k, "--device", "cpu", "--precision", "fp32",
+              "--sample-length", "0", "--batch-size", "2"]  # fmt: skip
     picked, chosen = run_many(
-        [[*common, "--out", tmp_path / "picked", "--eval-every", "7"],
-         [*common, "--out", tmp_path / "chosen", "--hidden-dim", "48", "--embed-dim", "16"]],
+        [[*common, "--time-budget", "12s", "--out", tmp_path / "picked", "--eval-every", "7"],
+         [*common, "--time-budget", "5s", "--out", tmp_path / "chosen", "--hidden-dim", "48",
+          "--embed-dim", "16"]],
         isolated_data_dir,
         tmp_path,
     )  # fmt: skip
@@ -496,20 +527,10 @@ ERROR_CASES = [
 ]  # fmt: skip
 
 
-# Refusals whose words test_config (settings) or test_checkpoint (checkpoints that are damaged,
-# foreign or missing) check in-process; one of each kind stays in the quick tests.
-SLOW_ERROR_CASES = {
-    "embed-dim", "n-layers", "seq-len", "dropout-negative", "lr-negative", "dropout", "batch-size",
-    "lr", "temperature", "top-p-0", "top-p-1.5", "top-k", "length", "length-0", "num-samples",
-    "dynamic-decay", "dynamic-segment", "time-budget", "truncated-checkpoint",
-    "foreign-checkpoint", "sample-not-a-checkpoint", "sample-missing-path",
-}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def error_results(request, trained_run, shakespeare_200k, session_data_dir, tmp_path_factory):
-    """The commands of ERROR_CASES that this session tests (each starts Python and most import
-    torch), run concurrently once: {name: (result, paths)}."""
+    """The commands of ERROR_CASES that this session tests, run concurrently once:
+    {name: (result, paths)}."""
     tested = {
         item.callspec.params["name"]
         for item in request.session.items
@@ -563,10 +584,7 @@ def error_results(request, trained_run, shakespeare_200k, session_data_dir, tmp_
 
 @pytest.mark.parametrize(
     ("name", "pattern"),
-    [
-        pytest.param(name, pattern, id=name, marks=[pytest.mark.slow] * (name in SLOW_ERROR_CASES))
-        for name, _, pattern in ERROR_CASES
-    ],
+    [pytest.param(name, pattern, id=name) for name, _, pattern in ERROR_CASES],
 )
 def test_error_exits_2_with_one_error_line(error_results, name, pattern):
     result, paths = error_results[name]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_config
+from conftest import read_metrics, run_cli, tiny_config
 
 import charlstm
 from charlstm.checkpoint import (
@@ -54,16 +54,6 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
     return holder
 
 
-def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "charlstm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_frees_the_lock(tmp_path):
     run_dir = tmp_path / "run"
     holder = hold_lock(run_dir)
@@ -92,8 +82,8 @@ def test_train_on_a_run_directory_in_use_is_one_line_and_touches_nothing(
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     holder = hold_lock(run_dir)
     try:
-        done = cli("train", "--data", shakespeare_200k, "--max-steps", "80", *resume, run_dir,
-                   cwd=tmp_path)  # fmt: skip
+        done = run_cli(["train", "--data", shakespeare_200k, "--max-steps", "80", *resume, run_dir],
+                       isolated_data_dir, tmp_path)  # fmt: skip
     finally:
         holder.kill()
         holder.wait()
