@@ -12,6 +12,7 @@ from charlstm.config import RunConfig, TrainConfig, parse_duration
 from charlstm.errors import CharLSTMError
 from charlstm.presets import (
     MANY_EPOCHS_DROPOUT,
+    MIN_STEPS_PER_PASS,
     PRESET_MACHINE_SPEED,
     PRESETS,
     SEVERAL_EPOCHS,
@@ -133,6 +134,31 @@ def test_choose_preset_fits_evaluations_to_the_runs_batch_and_keeps_its_own_eval
     choice = choose_preset(short, speed * seconds / short, train_chars, small)
     assert choice.settings.get("eval_every") == PRESETS[choice.name].get("eval_every")
     assert "evaluation every" not in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("train_chars", "given", "batch"),
+    [(2_205, {}, (4, 64)),  # four streams of eight windows each
+     (300, {}, (1, 37)),  # one stream, and shorter windows
+     (2_205, {"batch_size": 16}, (16, 64)),  # the run's own batch is kept
+     (4_000_000, {}, (64, 64))],  # a large text: the preset's own
+)  # fmt: skip
+def test_choose_preset_gives_a_small_text_fewer_streams(train_chars, given, batch):
+    config = RunConfig().with_overrides(given)
+    choice = choose_preset(60.0, PRESET_MACHINE_SPEED / 10, train_chars, config)
+    train = apply_preset(config, choice.settings).validate().train
+    assert choice.name == "1m" and (train.batch_size, train.seq_len) == batch
+    fitted = batch != (64, 64) and "batch_size" not in given
+    assert (f"batches of {batch[0]} x {batch[1]}" in choice.reason) == fitted
+    if fitted:  # a pass over the text is at least eight steps
+        assert train.batch_size * train.seq_len * MIN_STEPS_PER_PASS <= train_chars
+
+
+def test_choose_preset_counts_steps_at_the_speed_of_the_settings_picked():
+    # Ten evaluations in 5 minutes of a small text read many times, in steps of 2 x 50.
+    config = RunConfig().with_overrides({"batch_size": 2, "seq_len": 50})
+    slower = choose_preset(300.0, 1000.0, 1_000, config, picked_speed=100.0)
+    assert slower.settings["eval_every"] == round(300 * 100.0 / 100 / 10) == 30
 
 
 def test_preset_for_refuses_a_speed_or_budget_that_is_not_positive():

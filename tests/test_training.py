@@ -331,15 +331,18 @@ def test_measuring_speed_writes_nothing_and_leaves_the_next_run_unchanged(
 @pytest.mark.slow
 def test_auto_preset_picks_for_this_machine_and_corpus_and_records_its_choice(tmp_path, capsys):
     data = write_words(tmp_path / "words.txt", lines=40)  # 2,000 characters
-    # Small batches in fp32 (faster than bf16 at that size): the fewest steps a budget must
-    # train fit on a loaded machine too.
+    # In fp32, faster than bf16 for small batches: the fewest steps a budget must train fit on a
+    # loaded machine too.
     config = charlstm.RunConfig().with_overrides(
         {"data": [str(data)], "out": str(tmp_path / "run"), "preset": "auto",
-         "time_budget": "12s", "batch_size": 2, "precision": "fp32", "device": "cpu",
-         "sample_length": 0}
+         "time_budget": "12s", "precision": "fp32", "device": "cpu", "sample_length": 0}
     )  # fmt: skip
     result = charlstm.train(config, progress=False)
     err = capsys.readouterr().err
+    # 1,633 training characters hold eight steps of three streams (not the default 64, which
+    # would not fill one batch).
+    assert "batches of 3 x 64, so that a pass over the text is several steps" in err
+    assert (result.config.train.batch_size, result.config.train.seq_len) == (3, 64)
     # The text is read many times, but twelve seconds cannot pay for evaluations to keep the
     # best weights: the budget trains rather than saves.
     assert "an evaluation every" not in err and not result.warnings, err
@@ -349,7 +352,7 @@ def test_auto_preset_picks_for_this_machine_and_corpus_and_records_its_choice(tm
     # A small text read many times gets strong dropout; the preset's other settings are kept.
     many = float(line[1]) > MANY_EPOCHS
     assert result.config.model.dropout == (MANY_EPOCHS_DROPOUT if many else 0.0)
-    assert result.config.train.batch_size == 2 and result.config.session.time_budget == "12s"
+    assert result.config.session.time_budget == "12s"
     saved = checkpoint_info(tmp_path / "run" / "best")["config"]
     assert RunConfig.from_dict(saved) == result.config and saved["train"]["preset"] == picked
     assert saved["model"]["hidden_dim"] == PRESETS[picked].get("hidden_dim", 256)

@@ -67,6 +67,10 @@ LEARNING_SETTINGS = frozenset(
 # saves would take more than their share of a short budget) to keep them in best/; and above
 # which a preset's network memorises the text part-way through the run unless regularised
 # harder, with at least MANY_EPOCHS_DROPOUT (docs/benchmarks.md: the corpus suite).
+# A pass over the text makes at least this many steps of a picked preset's batch, so that each
+# stream carries its state across several windows: a small text gets fewer streams, and a tiny
+# one shorter windows too.
+MIN_STEPS_PER_PASS = 8
 SEVERAL_EPOCHS = 6.0
 SEVERAL_EPOCHS_EVALUATIONS = 10
 MANY_EPOCHS = 30.0
@@ -137,13 +141,16 @@ def choose_preset(
     chars_per_second: float,
     train_chars: int,
     config: RunConfig | None = None,
+    picked_speed: float | None = None,
 ) -> PresetChoice:
     """The preset for a budget on this machine (:func:`preset_for`), with how often it evaluates
     and its regularisation fitted to how many times the budget reads a corpus of
     ``train_chars`` characters. ``config`` is the configuration the preset will be applied to
     (default: the defaults): the batch it sets decides how many steps the budget trains, and an
-    ``eval_every`` it sets is kept. The ``settings`` include the preset's own but its budget:
-    the run keeps the budget it was given, which chose the preset."""
+    ``eval_every`` it sets is kept. ``picked_speed`` is how fast the picked settings train
+    (characters per second; default ``chars_per_second``), from which the steps are counted.
+    The ``settings`` include the preset's own but its budget: the run keeps the budget it was
+    given, which chose the preset."""
     from charlstm.budget import PERIODIC_EVAL_SHARE, SAVE_OVERHEAD_SECONDS
     from charlstm.config import ModelConfig, RunConfig, SessionConfig
 
@@ -153,6 +160,9 @@ def choose_preset(
     own = {key: value for key, value in PRESETS[name].items() if key != "time_budget"}
     settings: dict[str, Any] = {**own, "preset": name}
     fitted = []
+    batch = _fit_batch(config, settings, train_chars)
+    if batch:
+        fitted.append(batch)
     if epochs > MANY_EPOCHS:
         dropout = settings.get("dropout", ModelConfig.dropout)
         settings["dropout"] = max(dropout, MANY_EPOCHS_DROPOUT)
@@ -163,7 +173,8 @@ def choose_preset(
     evaluates_at_will = config.session.eval_every == SessionConfig.eval_every
     if epochs > SEVERAL_EPOCHS and evaluations >= 2 and evaluates_at_will:
         train = apply_preset(config, settings).train
-        steps = budget_seconds * chars_per_second / (train.batch_size * train.seq_len)
+        speed = chars_per_second if picked_speed is None else picked_speed
+        steps = budget_seconds * speed / (train.batch_size * train.seq_len)
         often = max(1, round(steps / evaluations))
         if often < settings.get("eval_every", SessionConfig.eval_every):
             settings["eval_every"] = often
@@ -175,3 +186,22 @@ def choose_preset(
         f"{epochs:.3g} times; {'; '.join(fitted) or 'its own regularisation'}"
     )
     return PresetChoice(name, settings, reason)
+
+
+def _fit_batch(config: RunConfig, settings: dict[str, Any], train_chars: int) -> str | None:
+    """Fewer streams (then shorter ones) for a text too small for :data:`MIN_STEPS_PER_PASS`
+    steps of the batch ``config`` and ``settings`` make, unless the run set them; written into
+    ``settings``, and said in a phrase."""
+    from charlstm.config import TrainConfig
+
+    train = apply_preset(config, settings).train
+    batch, seq_len = train.batch_size, train.seq_len
+    if config.train.batch_size == TrainConfig.batch_size:
+        batch = max(1, min(batch, train_chars // (seq_len * MIN_STEPS_PER_PASS)))
+    too_long = batch * seq_len * MIN_STEPS_PER_PASS > train_chars
+    if too_long and config.train.seq_len == TrainConfig.seq_len:
+        seq_len = max(1, min(seq_len, train_chars // MIN_STEPS_PER_PASS))
+    if (batch, seq_len) == (train.batch_size, train.seq_len):
+        return None
+    settings.update(batch_size=batch, seq_len=seq_len)
+    return f"batches of {batch} x {seq_len}, so that a pass over the text is several steps"

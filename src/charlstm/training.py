@@ -210,14 +210,18 @@ def _settle_preset(
         return _named(defaults, "5m"), None
     speed = measure_speed(defaults, corpus.vocab.size)
     choice = choose_preset(budget, speed, len(corpus.train), defaults)
+    picked = _named(apply_preset(defaults, choice.settings), choice.name).validate()
+    if not _trains_alike(picked, defaults):
+        # How often it evaluates is counted in steps of the settings picked: at their speed.
+        picked_speed = measure_speed(picked, corpus.vocab.size)
+        choice = choose_preset(budget, speed, len(corpus.train), defaults, picked_speed)
+        picked = _named(apply_preset(defaults, choice.settings), choice.name).validate()
+        speed = picked_speed
     if say and world.is_main:
         print(
             f"preset {choice.name}: {choice.reason} (--preset chooses one yourself)",
             file=sys.stderr,
         )
-    picked = _named(apply_preset(defaults, choice.settings), choice.name).validate()
-    if not _trains_alike(picked, defaults):
-        speed = measure_speed(picked, corpus.vocab.size)
     return picked, speed
 
 
