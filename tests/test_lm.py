@@ -9,13 +9,14 @@ import inspect
 import json
 import math
 import string
+import subprocess
 import sys
 import typing
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import CLI_TIMEOUT, tiny_config
 
 import charlstm
 from charlstm.config import DynamicEvalConfig, RunConfig, SampleConfig
@@ -567,3 +568,16 @@ def test_byte_model_evaluates_text_and_files(tmp_path):
     result = model.evaluate(text)
     assert result.characters == len(text.encode()) - 1
     assert model.evaluate_files([str(path)]) == result
+
+
+def test_loading_and_sampling_a_model_leave_pytorchs_compiler_unimported(trained_run):
+    # Importing torch._dynamo takes about a second: a command that samples must not pay it.
+    script = (
+        "import sys, charlstm; model = charlstm.CharLM.load(sys.argv[1]); "
+        "model.generate(length=5, seed=0); print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(trained_run)],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT,
+    )  # fmt: skip
+    assert done.stdout == "False\n", done.stderr

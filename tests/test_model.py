@@ -12,7 +12,13 @@ from conftest import tiny_net as shared_tiny_net
 
 from charlstm.config import ModelConfig
 from charlstm.errors import CharLSTMError
-from charlstm.model import CharRNN, detach_state, reference_lstm_layer, with_more_ids
+from charlstm.model import (
+    CharRNN,
+    detach_state,
+    reference_lstm_layer,
+    weight_shapes,
+    with_more_ids,
+)
 
 CELLS = ("lstm", "gru", "rnn")
 VOCAB = 11
@@ -282,3 +288,13 @@ def test_more_ids_keep_every_weight_and_start_as_the_rarest(head_input):
     assert all(torch.equal(same[name], tensor) for name, tensor in weights.items())
     with pytest.raises(ValueError, match="more than"):
         with_more_ids(weights, VOCAB - 1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("head_input", ["all", "last"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_weight_shapes_are_a_built_networks_in_order(cell, head_input, n_layers):
+    config = ModelConfig(cell=cell, n_layers=n_layers, embed_dim=5, hidden_dim=7,
+                         head_input=head_input)  # fmt: skip
+    built = {name: tuple(t.shape) for name, t in CharRNN(config, 11).state_dict().items()}
+    assert list(weight_shapes(config, 11).items()) == list(built.items())

@@ -25,6 +25,7 @@ State = tuple[torch.Tensor, ...]
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # One layer of each cell as a function of explicit weights: the op that nn.LSTM & co. call.
 _LAYER_FUNCTIONS = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of each layer's weights, in hidden_dim
 WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
@@ -117,11 +118,23 @@ class CharRNN(nn.Module):
 
 
 def weight_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every weight of a :class:`CharRNN`, computed without allocating
-    any (on PyTorch's meta device), to check a weight file before anything is built."""
-    with torch.device("meta"):
-        net = CharRNN(config, vocab_size)
-    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    """The name and shape of every weight of a :class:`CharRNN`, in its ``state_dict``'s order,
+    from the configuration alone: a weight file is checked before anything is built. (Building
+    one on PyTorch's meta device would import its compiler, a second of every command's
+    start-up.)"""
+    config.validate()
+    hidden, rows = config.hidden_dim, _GATES[config.cell] * config.hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab_size, config.embed_dim)}
+    for layer in range(config.n_layers):
+        inputs = config.embed_dim if layer == 0 else hidden
+        shapes[f"rnn.weight_ih_l{layer}"] = (rows, inputs)
+        shapes[f"rnn.weight_hh_l{layer}"] = (rows, hidden)
+        shapes[f"rnn.bias_ih_l{layer}"] = (rows,)
+        shapes[f"rnn.bias_hh_l{layer}"] = (rows,)
+    heads = config.n_layers if config.head_input == "all" else 1
+    shapes["head.weight"] = (vocab_size, heads * hidden)
+    shapes["head.bias"] = (vocab_size,)
+    return shapes
 
 
 def with_more_ids(weights: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
